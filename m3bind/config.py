@@ -9,6 +9,7 @@ typed objects; unknown keys are an error, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -45,8 +46,12 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         inner = args[0] if args else Any
         items = [_build(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        # YAML 1.1 reads "2e-4" (no dot) as a string; a float field takes it as the number it is.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     return value
 
 
@@ -75,7 +80,12 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
 def _parse_scalar(text: str) -> Any:
+    if _FLOAT.match(text.strip()):
+        return float(text)  # YAML 1.1 would keep "2e-4" a string
     return yaml.safe_load(text) if text != "" else ""
 
 
