@@ -89,8 +89,8 @@ def all_reduce_mean(value: float, device: str = "cpu") -> float:
     return float(t.item()) / dist.get_world_size()
 
 
-def broadcast_flag(flag: bool, device: str = "cpu") -> bool:
-    """Rank 0's boolean on every rank (e.g. "this step is non-finite, skip it")."""
+def any_rank(flag: bool, device: str = "cpu") -> bool:
+    """True on every rank when any rank's ``flag`` is true (e.g. "this step is non-finite")."""
     if not is_distributed():
         return bool(flag)
     t = torch.tensor([1.0 if flag else 0.0], device=device)

@@ -92,6 +92,11 @@ def _global_sum_int(n: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def _upcast(x: Tensor) -> Tensor:
+    """Half/bfloat16 logits to float32 for a stable softmax; float64 stays float64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _norm(x: Tensor) -> Tensor:
     return F.normalize(x, dim=-1)
 
@@ -101,7 +106,7 @@ def _contrastive_rows(query: Tensor, keys: Tensor, logit_scale: Scale) -> Tensor
     keys_all, offset = _gather_with_offset(_norm(keys))
     logits = logit_scale * _norm(query) @ keys_all.t()
     target = torch.arange(query.shape[0], device=query.device) + offset
-    return F.cross_entropy(logits.float(), target, reduction="none")
+    return F.cross_entropy(_upcast(logits), target, reduction="none")
 
 
 # --------------------------------------------------------------------------- equations
@@ -191,7 +196,7 @@ def seskd_contrastive_loss(students: Mapping[str, Tensor], images: Mapping[str, 
 
 def _multi_positive_rows(query: Tensor, keys: Tensor, q_ids: Tensor, k_ids: Tensor,
                          logit_scale: Scale) -> Tensor:
-    logp = F.log_softmax((logit_scale * _norm(query) @ _norm(keys).t()).float(), dim=1)
+    logp = F.log_softmax(_upcast(logit_scale * _norm(query) @ _norm(keys).t()), dim=1)
     pos = (q_ids[:, None] == k_ids[None, :]).to(logp.dtype)
     return -(logp * pos).sum(dim=1) / pos.sum(dim=1).clamp_min(1.0)
 
@@ -262,10 +267,10 @@ def selip_loss(image: Tensor, text: Tensor, similarity: Tensor, logit_scale: Sca
     rows = slice(off, off + n)
     target_v2t = sim[rows] / sim[rows].sum(dim=1, keepdim=True)
     target_t2v = sim.t()[rows] / sim.t()[rows].sum(dim=1, keepdim=True)
-    logp_v2t = F.log_softmax((logit_scale * _norm(image) @ txt_all.t()).float(), dim=1)
-    logp_t2v = F.log_softmax((logit_scale * _norm(text) @ img_all.t()).float(), dim=1)
-    kl_v2t = F.kl_div(logp_v2t, target_v2t.float(), reduction="none").sum(dim=1)
-    kl_t2v = F.kl_div(logp_t2v, target_t2v.float(), reduction="none").sum(dim=1)
+    logp_v2t = F.log_softmax(_upcast(logit_scale * _norm(image) @ txt_all.t()), dim=1)
+    logp_t2v = F.log_softmax(_upcast(logit_scale * _norm(text) @ img_all.t()), dim=1)
+    kl_v2t = F.kl_div(logp_v2t, target_v2t.to(logp_v2t.dtype), reduction="none").sum(dim=1)
+    kl_t2v = F.kl_div(logp_t2v, target_t2v.to(logp_t2v.dtype), reduction="none").sum(dim=1)
     return 0.5 * (_global_mean(kl_v2t) + _global_mean(kl_t2v))
 
 

@@ -25,7 +25,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -57,23 +57,6 @@ def upload_dir() -> Path:
 
 
 @dataclass
-class SearchHit:
-    """One search result, in the CLI's JSON vocabulary plus the catalogue item id."""
-
-    path: str
-    modality: str
-    score: float
-    patient: str | None
-    study: str | None
-    item_id: Any = None
-
-    def as_json(self) -> dict[str, Any]:
-        """The result as the CLI prints it (``path, modality, score, patient, study``)."""
-        return {"path": self.path, "modality": self.modality, "score": float(self.score),
-                "patient": self.patient, "study": self.study}
-
-
-@dataclass
 class Services:
     """Everything the app needs, created once per server.
 
@@ -85,6 +68,7 @@ class Services:
         prompt_dir: Where prompt sets are saved; defaults to :func:`default_prompt_dir`.
         work_dir: Scratch folder for assembled uploads (DICOM series, WFDB pairs).
         max_upload_mb: Upload size limit, also enforced on API file inputs.
+        index_workers: Decoder processes of the indexer (``None``: its default; 0 inline).
     """
 
     model_dir: str | os.PathLike | None
@@ -94,9 +78,11 @@ class Services:
     prompt_dir: str | os.PathLike | None = None
     work_dir: str | os.PathLike | None = None
     max_upload_mb: float = 512.0
+    index_workers: int | None = None
     _model: Any = field(default=None, init=False, repr=False)
     _model_error: str | None = field(default=None, init=False, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _catalog: Any = field(default=None, init=False, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.archive_root = Path(self.archive_root).resolve() if self.archive_root else None
@@ -149,11 +135,14 @@ class Services:
         if not self.catalog_url:
             raise NotReady("no catalogue configured: start with --catalog URL "
                            "(e.g. sqlite:///archive.db) and index an archive in the Archive tab")
-        try:
-            from data_registry.catalog import Catalog
-        except ImportError as e:
-            raise NotReady(f"catalogue support unavailable: {e}") from None
-        return Catalog(self.catalog_url)
+        with self._lock:
+            if self._catalog is None:
+                try:
+                    from data_registry.catalog import Catalog
+                except ImportError as e:
+                    raise NotReady(f"catalogue support unavailable: {e}") from None
+                self._catalog = Catalog(self.catalog_url)
+        return self._catalog
 
     def catalog_notice(self) -> str | None:
         """A one-line notice when search/browse cannot work, else ``None``."""
@@ -174,6 +163,8 @@ class Services:
         roots = [upload_dir(), self.work_dir]
         if self.archive_root:
             roots.append(self.archive_root)
+        if self._catalog is not None and (root := self._catalog.root()) is not None:
+            roots.append(Path(root).resolve())  # the archive the catalogue describes
         return roots
 
     def check_path(self, path: str | os.PathLike) -> Path:
@@ -292,26 +283,30 @@ class Services:
 
     # ----------------------------------------------------------------- search
     def search(self, *, sample=None, text: str | None = None, target: str,
-               k: int = 10) -> list[SearchHit]:
-        """Nearest catalogue items of modality ``target`` to a sample or a text query."""
-        from app.web import archive as archive_api
+               k: int = 10) -> list[dict[str, Any]]:
+        """Nearest catalogue items of modality ``target`` to a sample or a text query.
+
+        Goes through :func:`data_registry.search.search` (the CLI's search), so the results are
+        the CLI's JSON rows (``path, modality, score, patient, study`` and what it adds).
+        """
+        from data_registry.search import TEXT_PREFIX
+        from data_registry.search import search as archive_search
 
         if target not in MODALITIES:
             raise ConfigError(f"unknown target modality {target!r}")
-        if (sample is None) == (not text):
+        if (sample is None) == (not (text or "").strip()):
             raise ConfigError("give either a query file or a query text, not both")
         k = max(1, min(int(k), 100))
         catalog = self.catalog()
         model = self.model
         if sample is not None:
-            vec = self.embed(sample)
+            query, modality = str(self.check_path(sample.path)), sample.modality
         else:
-            vec = np.asarray(model.embed_text([text.strip()], modality=target))[0]
-        return archive_api.nearest(catalog, model, vec, target, k, root=self.archive_root)
+            query, modality = TEXT_PREFIX + text.strip(), None
+        return archive_search(catalog, model, query, target, k, modality=modality)["results"]
 
     # ---------------------------------------------------------------- archive
-    def index(self, root: str | os.PathLike | None,
-              progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    def index(self, root: str | os.PathLike | None) -> dict[str, Any]:
         """Index ``root`` (default: the archive root) into the catalogue."""
         from app.web import archive as archive_api
 
@@ -321,7 +316,10 @@ class Services:
         real = self.check_path(root)
         if not real.is_dir():
             raise UnsupportedFormat("not a folder", str(root))
-        return archive_api.index(real, self.catalog_url or "", self.model, progress=progress)
+        if not self.catalog_url:
+            raise NotReady("no catalogue configured: start with --catalog URL")
+        return archive_api.index(real, self.catalog_url, self.model, workers=self.index_workers,
+                                 keep_phi=self.keep_phi)
 
 
 def _upload_name(p: Path) -> str:

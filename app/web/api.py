@@ -1,0 +1,87 @@
+"""The two API endpoints of DESIGN.md, for ``gradio_client``.
+
+``/zeroshot(file, labels)`` returns ``{"modality", "labels": [{"label", "score"}]}`` (best
+first) and ``/search(query_file, query_text, target_modality, k)`` returns
+``{"results": [{"path", "modality", "score", "patient", "study"}]}`` — the same JSON as
+``m3bind zeroshot --json`` and ``m3bind search --json``. Errors reach the client as a
+``gr.Error`` carrying the one-line :class:`~m3bind.errors.M3BindError` text.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import gradio as gr
+
+from app.web.state import Services
+from m3bind.errors import ConfigError, M3BindError
+
+log = logging.getLogger(__name__)
+
+
+def _path(file: Any) -> str | None:
+    if not file:
+        return None
+    return str(getattr(file, "name", None) or (file.get("path") if isinstance(file, dict) else file))
+
+
+def zeroshot_json(services: Services, file: Any, labels: str) -> dict[str, Any]:
+    """The ``/zeroshot`` payload for one uploaded file and comma-separated labels."""
+    path = _path(file)
+    if not path:
+        raise ConfigError("no file given")
+    sample = services.load(services.assemble([path]))
+    wanted = [x.strip() for x in (labels or "").split(",") if x.strip()]
+    scores = services.zeroshot(sample, wanted or None)
+    return {"modality": sample.modality,
+            "labels": [{"label": lbl, "score": float(s)} for lbl, s in scores]}
+
+
+def search_json(services: Services, query_file: Any, query_text: str, target_modality: str,
+                k: float | int) -> dict[str, Any]:
+    """The ``/search`` payload; exactly one of ``query_file`` and ``query_text`` is given."""
+    path = _path(query_file)
+    text = (query_text or "").strip()
+    if bool(path) == bool(text):
+        raise ConfigError("give either query_file or query_text (the other empty)")
+    sample = services.load(services.assemble([path])) if path else None
+    hits = services.search(sample=sample, text=text or None, target=target_modality, k=int(k or 10))
+    return {"results": hits}
+
+
+def _guard(fn):
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except M3BindError as e:
+            raise gr.Error(e.line(), print_exception=False) from None
+        except gr.Error:
+            raise
+        except Exception as e:  # noqa: BLE001 - one line to the client, full trace in the log
+            log.exception("API call failed")
+            raise gr.Error(f"{type(e).__name__}: {' '.join(str(e).split())}"[:300],
+                           print_exception=False) from None
+
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+def add_endpoints(services: Services) -> None:
+    """Add the hidden components and listeners of ``/zeroshot`` and ``/search`` to the open Blocks."""
+    with gr.Column(visible=False):
+        z_file = gr.File(label="file")
+        z_labels = gr.Textbox(label="labels")
+        z_out = gr.JSON(label="zeroshot")
+        z_btn = gr.Button("zeroshot")
+        q_file = gr.File(label="query_file")
+        q_text = gr.Textbox(label="query_text")
+        q_target = gr.Textbox(label="target_modality")
+        q_k = gr.Number(value=10, precision=0, label="k")
+        q_out = gr.JSON(label="search")
+        q_btn = gr.Button("search")
+
+    z_btn.click(_guard(lambda f, lab: zeroshot_json(services, f, lab)), [z_file, z_labels], z_out,
+                api_name="zeroshot")
+    q_btn.click(_guard(lambda f, t, m, k: search_json(services, f, t, m, k)),
+                [q_file, q_text, q_target, q_k], q_out, api_name="search")

@@ -1,0 +1,678 @@
+"""Incremental, resumable indexing of a study archive into a :class:`~data_registry.catalog.Catalog`.
+
+The run, for one archive root and one model:
+
+1. :func:`data_registry.scan.scan` walks the root into items (files, DICOM series folders,
+   WFDB records, MRI study folders) and failures (symlink loops, special files ...).
+2. Items whose path, size, mtime (a fingerprint of the member files) match the catalogue and
+   that have an embedding under this model are skipped; so are unchanged failures.
+3. The rest are hashed in worker processes; an item whose content hash is unchanged only has
+   its fingerprint refreshed; identical content already indexed under another path is recorded
+   as a duplicate of it (no second embedding).
+4. The others are decoded in worker processes (``ProcessPoolExecutor`` with the ``spawn``
+   start method) with :func:`m3bind.io.load`, embedded in batches with ``model.embed`` and
+   committed one batch per transaction, with their patient/study/series links.
+5. After each commit the FAISS index of each touched modality is updated (and written
+   atomically now and then). The catalogue is the truth: an index whose (count, id sum)
+   disagrees with it — after a kill between a commit and an index write — is rebuilt on open.
+
+A kill at any point loses at most the uncommitted batch, which the next run redoes: no row is
+duplicated (paths are unique; each batch is one transaction).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime as dt
+import hashlib
+import importlib
+import json
+import logging
+import multiprocessing
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+from sqlalchemy import delete, select, update
+
+from data_registry.catalog import (
+    Catalog,
+    Embedding,
+    Failure,
+    Item,
+    Patient,
+    Series,
+    Study,
+    ZeroShotLabel,
+)
+from data_registry.scan import Candidate, scan
+from m3bind.errors import M3BindError
+from m3bind.modalities import MODALITIES
+
+log = logging.getLogger(__name__)
+
+#: The reader, as ``module:function`` so that spawned workers can import it.
+DEFAULT_LOADER = "m3bind.io:load"
+#: Seconds between FAISS writes during a run (the index is always written at the end).
+SAVE_EVERY_S = 10.0
+_CHUNK = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# worker side (top-level functions: picklable under spawn)
+# ---------------------------------------------------------------------------------------------
+def content_hash(root: str, kind: str, rel: str, members: list[str]) -> str:
+    """SHA-256 of an item's bytes. A file hashes its bytes alone; a multi-file item also its
+    member names relative to the item's folder, so copies elsewhere match."""
+    h = hashlib.sha256()
+    base = rel if kind in ("dicom_series", "mri_study") else os.path.dirname(rel)
+    for m in sorted(members):
+        if kind != "file":
+            h.update(os.path.relpath(m, base or ".").encode() + b"\0")
+        with open(os.path.join(root, m), "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        h.update(b"\1")
+    return h.hexdigest()
+
+
+def _hash_task(root: str, kind: str, rel: str,
+               members: list[str]) -> tuple[str, str | None, str | None]:
+    try:
+        return rel, content_hash(root, kind, rel, members), None
+    except OSError as e:
+        return rel, None, f"cannot read: {e.strerror or e}"
+
+
+def _parse_date(text: str | None) -> str | None:
+    """ISO date from ``YYYYMMDD`` or ``YYYY-MM-DD[...]``; None when unparseable."""
+    if not text:
+        return None
+    t = str(text).strip()
+    for fmt, n in (("%Y%m%d", 8), ("%Y-%m-%d", 10)):
+        try:
+            return dt.datetime.strptime(t[:n], fmt).date().isoformat()
+        except ValueError:
+            continue
+    return None
+
+
+_COMMENT = re.compile(r"^\s*#?\s*([A-Za-z_ ]+?)\s*[:=]\s*(.+?)\s*$")
+_WFDB_KEYS = {"patient": "patient", "patient_id": "patient", "subject": "patient",
+              "study": "study", "study_id": "study", "study_date": "date", "date": "date",
+              "name": "name", "patient_name": "name", "birth_date": "birth_date",
+              "dob": "birth_date"}
+
+
+def wfdb_links(header_path: str) -> dict[str, str]:
+    """Study links from the ``key: value`` comment lines of a WFDB header."""
+    out: dict[str, str] = {}
+    with open(header_path, encoding="latin-1") as f:
+        for line in f:
+            if not line.lstrip().startswith("#"):
+                continue
+            m = _COMMENT.match(line)
+            if m:
+                key = _WFDB_KEYS.get(m.group(1).strip().lower().replace(" ", "_"))
+                if key and key not in out:
+                    out[key] = m.group(2)
+    return out
+
+
+def dicom_links(path: str) -> dict[str, str]:
+    """Patient/study/series identifiers and study date of a DICOM file's header."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    pairs = {"patient": "PatientID", "name": "PatientName", "birth_date": "PatientBirthDate",
+             "study": "StudyInstanceUID", "series": "SeriesInstanceUID", "date": "StudyDate"}
+    return {k: str(ds.get(tag)) for k, tag in pairs.items() if ds.get(tag) not in (None, "")}
+
+
+def _resolve(spec: str) -> Callable:
+    mod, _, fn = spec.partition(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+#: Reader metadata keys never stored without the PHI opt-in (WFDB comments carry the links).
+PHI_META = ("comments", "patient_id", "patient_name", "name", "birth", "address", "other_patient")
+
+
+def _scrub(meta: dict[str, Any], keep_phi: bool) -> dict[str, Any]:
+    if keep_phi:
+        return meta
+    return {k: v for k, v in meta.items()
+            if not any(w in k.lower() for w in PHI_META) or k.lower() == "study_description"}
+
+
+def _decode_task(root: str, cand: Candidate, default_modality: str | None,
+                 loader: str, keep_phi: bool = False) -> dict[str, Any]:
+    """Read one item: its Sample, study links (from the file, then the sidecar) and metadata."""
+    path = os.path.join(root, cand.rel)
+    try:
+        links: dict[str, str] = {}
+        if cand.kind == "wfdb":
+            links = wfdb_links(path)
+        elif cand.kind == "dicom_series" or cand.members[0].lower().endswith(".dcm") or (
+                cand.kind == "file" and _looks_dicom(path)):
+            links = dicom_links(os.path.join(root, sorted(cand.members)[0]))
+        for k, v in cand.hints.items():
+            links.setdefault(k, v)
+        modality = _detect(path)[1]
+        modality = modality or cand.hints.get("modality") or default_modality
+        sample = _resolve(loader)(path, modality)
+        if sample.modality not in MODALITIES:
+            return {"rel": cand.rel, "error": "cannot tell the modality (give --modality, a "
+                    "sidecar or a modality folder name)"}
+        meta = {"shape": list(sample.shape), "format": sample.format,
+                "spacing": sample.spacing, "sampling_rate": sample.sampling_rate,
+                "channel_names": sample.channel_names, "modality_guess": sample.modality_guess,
+                "reader": _scrub(dict(sample.meta), keep_phi)}
+        return {"rel": cand.rel, "sample": sample, "links": links, "meta": _jsonable(meta)}
+    except M3BindError as e:
+        return {"rel": cand.rel, "error": e.what}
+    except MemoryError:
+        return {"rel": cand.rel, "error": "out of memory while decoding"}
+    except Exception as e:  # noqa: BLE001 - junk must never crash the run
+        return {"rel": cand.rel, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+
+
+def _detect(path: str) -> tuple[str, str | None]:
+    """:func:`m3bind.io.detect` (the package function, or its module's while the package is new)."""
+    from m3bind import io as m3io
+
+    fn = getattr(m3io, "detect", None)
+    if not callable(fn):
+        from m3bind.io.detect import detect as fn
+    return fn(path)
+
+
+def _looks_dicom(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# main process
+# ---------------------------------------------------------------------------------------------
+def _pool_map(fn: Callable, args: Iterable[tuple], workers: int, window: int,
+              on_crash: Callable[[tuple], Any]) -> Iterator[Any]:
+    """``fn(*a)`` for each ``a``, in a spawn-context process pool (inline when ``workers`` ≤ 1).
+
+    At most ``window`` tasks are in flight, so memory stays bounded on a large archive, and
+    results come back in completion order. A decoder that kills its worker (a segfault in a
+    codec) breaks the pool: the pool is restarted and the tasks that were in flight are rerun
+    one at a time, so only the culprit gets ``on_crash(a)`` as its result.
+    """
+    if workers <= 1:
+        for a in args:
+            yield fn(*a)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    it = iter(args)
+    suspects: list[tuple] = []
+    ex = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    try:
+        pending: dict[cf.Future, tuple] = {}
+        exhausted = False
+        while pending or not exhausted:
+            while not exhausted and len(pending) < window:
+                try:
+                    a = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                pending[ex.submit(fn, *a)] = a
+            if not pending:
+                break
+            done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            broken = False
+            for f in done:
+                a = pending.pop(f)
+                try:
+                    yield f.result()
+                except cf.process.BrokenProcessPool:
+                    suspects.append(a)
+                    broken = True
+            if broken:
+                suspects.extend(pending.values())
+                pending.clear()
+                ex.shutdown(wait=False, cancel_futures=True)
+                log.warning("a decoder process died; rerunning %d tasks one by one", len(suspects))
+                for a in suspects:
+                    with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as solo:
+                        try:
+                            yield solo.submit(fn, *a).result()
+                        except cf.process.BrokenProcessPool:
+                            yield on_crash(a)
+                suspects = []
+                ex = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+class _Run:
+    """State of one indexing run (catalogue, model, in-memory FAISS indices, counters)."""
+
+    def __init__(self, catalog: Catalog, root: Path, model, batch_size: int,
+                 zeroshot: bool, progress):
+        self.cat, self.root, self.model = catalog, root, model
+        self.model_key = str(model.model_id)
+        self.batch_size = batch_size
+        self.zeroshot = zeroshot
+        self.bar = progress
+        self.counts = {"added": 0, "skipped": 0, "failed": 0, "duplicates": 0, "removed": 0}
+        self.indices: dict[str, Any] = {}
+        self.dirty: set[str] = set()
+        self.last_save = time.monotonic()
+        self._label_cache: dict[str, tuple[list[str], np.ndarray] | None] = {}
+
+    # FAISS ------------------------------------------------------------------------------------
+    def index(self, modality: str):
+        if modality not in self.indices:
+            self.indices[modality] = self.cat.vector_index(modality, self.model_key)
+        return self.indices[modality]
+
+    def save_indices(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self.last_save < SAVE_EVERY_S:
+            return
+        for m in sorted(self.dirty):
+            self.cat.index_dir.mkdir(parents=True, exist_ok=True)
+            self.indices[m].save(self.cat.index_path(m, self.model_key))
+        self.dirty.clear()
+        self.last_save = time.monotonic()
+
+    def drop_vectors(self, removed: list[tuple[int, str]]) -> None:
+        """Remove embedding ids (of this model) from the in-memory indices."""
+        by_mod: dict[str, list[int]] = {}
+        for eid, m in removed:
+            by_mod.setdefault(m, []).append(eid)
+        for m, ids in by_mod.items():
+            self.index(m).remove(np.asarray(ids, np.int64))
+            self.dirty.add(m)
+
+    # catalogue helpers --------------------------------------------------------------------------
+    def _get_or_create(self, s, model, key: str, **fields) -> int:
+        row = s.scalar(select(model).where(model.key == key))
+        if row is None:
+            row = model(key=key, **fields)
+            s.add(row)
+            s.flush()
+        else:
+            for k, v in fields.items():
+                if v is not None and getattr(row, k) in (None, ""):
+                    setattr(row, k, v)
+        return row.id
+
+    def _links(self, s, links: dict[str, str], modality: str, study_date) -> tuple:
+        patient_id = study_id = series_id = None
+        if links.get("patient"):
+            phi = {"name": links.get("name"), "birth_date": links.get("birth_date")} \
+                if self.cat.keep_phi else {}
+            patient_id = self._get_or_create(
+                s, Patient, self.cat.pseudonym(links["patient"], "patient"), **phi)
+        if links.get("study"):
+            study_id = self._get_or_create(
+                s, Study, self.cat.pseudonym(links["study"], "study"), patient_id=patient_id,
+                study_date=study_date, uid=links["study"] if self.cat.keep_phi else None)
+        if links.get("series"):
+            series_id = self._get_or_create(
+                s, Series, self.cat.pseudonym(links["series"], "series"),
+                study_id=study_id, modality=modality)
+        return patient_id, study_id, series_id
+
+    def release_item(self, s, item: Item) -> list[tuple[int, str]]:
+        """Detach an item's content before it changes or goes: promote a duplicate to hold its
+        embeddings, else delete them. Returns removed ``(embedding id, modality)`` of this model."""
+        dups = list(s.scalars(select(Item).where(Item.duplicate_of_id == item.id).order_by(Item.id)))
+        if dups:
+            heir = dups[0]
+            heir.duplicate_of_id = None
+            for d in dups[1:]:
+                d.duplicate_of_id = heir.id
+            s.execute(update(Embedding).where(Embedding.item_id == item.id).values(item_id=heir.id))
+            s.execute(update(ZeroShotLabel).where(ZeroShotLabel.item_id == item.id)
+                      .values(item_id=heir.id))
+            s.flush()
+            return []
+        removed = [(eid, m) for eid, m in s.execute(
+            select(Embedding.id, Embedding.modality).where(Embedding.item_id == item.id,
+                                                           Embedding.model_key == self.model_key))]
+        s.execute(delete(ZeroShotLabel).where(ZeroShotLabel.item_id == item.id))
+        s.execute(delete(Embedding).where(Embedding.item_id == item.id))
+        return removed
+
+    def _upsert_item(self, s, cand: Candidate, chash: str, **fields) -> Item:
+        item = s.scalar(select(Item).where(Item.path == cand.rel))
+        now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        common = dict(kind=cand.kind, size=cand.size, mtime=cand.mtime,
+                      fingerprint=cand.fingerprint, content_hash=chash, indexed_at=now, **fields)
+        if item is None:
+            item = Item(path=cand.rel, **common)
+            s.add(item)
+        else:
+            for k, v in common.items():
+                setattr(item, k, v)
+        s.execute(delete(Failure).where(Failure.path == cand.rel))
+        s.flush()
+        return item
+
+    # zero-shot -----------------------------------------------------------------------------------
+    def _labels(self, modality: str) -> tuple[list[str], np.ndarray] | None:
+        if modality not in self._label_cache:
+            try:
+                from m3bind.modalities import get_spec
+                from m3bind.zeroshot import label_embeddings
+
+                labels = list(get_spec(modality).labels)
+                self._label_cache[modality] = (labels, np.asarray(
+                    label_embeddings(self.model, modality, labels), np.float32))
+            except Exception as e:  # noqa: BLE001 - labels are optional extras
+                log.warning("no zero-shot labels for %s: %s", modality, e)
+                self._label_cache[modality] = None
+        return self._label_cache[modality]
+
+    # batches ----------------------------------------------------------------------------------------
+    def commit_decoded(self, batch: list[tuple[Candidate, str, dict]]) -> None:
+        """Embed a batch of decoded items and commit them in one transaction."""
+        samples = [r["sample"] for _, _, r in batch]
+        try:
+            vectors = np.asarray(self.model.embed(samples, batch_size=self.batch_size), np.float32)
+            ok = [(c, h, r, v) for (c, h, r), v in zip(batch, vectors)]
+            errors: list[tuple[Candidate, str]] = []
+        except Exception as e:  # noqa: BLE001 - one bad sample must not sink the batch
+            log.debug("batch embed failed (%s); embedding one by one", e)
+            ok, errors = [], []
+            for c, h, r in batch:
+                try:
+                    ok.append((c, h, r, np.asarray(self.model.embed([r["sample"]]), np.float32)[0]))
+                except Exception as e1:  # noqa: BLE001
+                    errors.append((c, f"cannot embed: {type(e1).__name__}: {e1}"))
+        added: dict[str, list[tuple[int, np.ndarray]]] = {}
+        removed: list[tuple[int, str]] = []
+        with self.cat.session() as s:
+            for c, h, r, vec in ok:
+                sample = r["sample"]
+                links = r["links"]
+                iso = _parse_date(links.get("date"))
+                study_date = dt.date.fromisoformat(iso) if iso else None
+                patient_id, study_id, series_id = self._links(s, links, sample.modality, study_date)
+                old = s.scalar(select(Item).where(Item.path == c.rel))
+                if old is not None:
+                    removed += self.release_item(s, old)
+                    s.flush()
+                item = self._upsert_item(s, c, h, modality=sample.modality, format=sample.format,
+                                         meta=r["meta"], study_date=study_date,
+                                         patient_id=patient_id, study_id=study_id,
+                                         series_id=series_id, duplicate_of_id=None)
+                emb = Embedding(item_id=item.id, model_key=self.model_key,
+                                modality=sample.modality, dim=int(vec.shape[0]),
+                                vector=np.ascontiguousarray(vec, np.float32).tobytes())
+                s.add(emb)
+                s.flush()
+                added.setdefault(sample.modality, []).append((emb.id, vec))
+                if self.zeroshot and (lab := self._labels(sample.modality)) is not None:
+                    names, lvec = lab
+                    logits = float(getattr(self.model, "logit_scale", 100.0)) * (lvec @ vec)
+                    p = np.exp(logits - logits.max())
+                    p /= p.sum()
+                    for name, score in zip(names, p):
+                        s.add(ZeroShotLabel(item_id=item.id, model_key=self.model_key,
+                                            label=name, score=float(score)))
+            for c, err in errors:
+                self._record_failure(s, c.rel, err, c.size, c.mtime)
+        self.drop_vectors(removed)
+        for m, pairs in added.items():
+            self.index(m).add(np.stack([v for _, v in pairs]), np.asarray([i for i, _ in pairs]))
+            self.dirty.add(m)
+        self.counts["added"] += len(ok)
+        self.counts["failed"] += len(errors)
+        self.bar.update(len(batch))
+        self.save_indices()
+
+    def _record_failure(self, s, rel: str, error: str, size: int = -1, mtime: float = -1.0) -> None:
+        now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        row = s.scalar(select(Failure).where(Failure.path == rel))
+        if row is None:
+            s.add(Failure(path=rel, error=error, size=size, mtime=mtime, failed_at=now))
+        else:
+            row.error, row.size, row.mtime, row.failed_at = error, size, mtime, now
+        log.info("failed: %s: %s", rel, error)
+
+    def record_failures(self, failures: list[tuple[str, str, int, float]]) -> None:
+        if not failures:
+            return
+        removed: list[tuple[int, str]] = []
+        with self.cat.session() as s:
+            for rel, err, size, mtime in failures:
+                old = s.scalar(select(Item).where(Item.path == rel))
+                if old is not None:  # an indexed file that became unreadable
+                    removed += self.release_item(s, old)
+                    s.delete(old)
+                self._record_failure(s, rel, err, size, mtime)
+        self.drop_vectors(removed)
+        self.counts["failed"] += len(failures)
+        self.bar.update(len(failures))
+
+
+def _open_model(model):
+    if isinstance(model, (str, os.PathLike)):
+        from m3bind.model import load_model
+
+        return load_model(model)
+    return model
+
+
+def index_archive(root: str | os.PathLike, catalog: str | Catalog, model, *,
+                  workers: int | None = None, batch_size: int = 32,
+                  modality: str | None = None, keep_phi: bool | None = None,
+                  zeroshot: bool = True, progress: bool | None = None,
+                  loader: str = DEFAULT_LOADER) -> dict[str, int]:
+    """Index (or re-index incrementally) the archive under ``root``.
+
+    Args:
+        root: The archive folder.
+        catalog: A :class:`Catalog`, a SQLAlchemy URL or a SQLite file path.
+        model: A loaded model (``.embed``, ``.model_id``) or a model directory.
+        workers: Decoder processes (default ``min(4, cpu count)``; ≤ 1 decodes inline).
+        batch_size: Items embedded and committed together.
+        modality: Modality of formats that carry none, when no sidecar or folder name says.
+        keep_phi: Store patient names and birth dates (only when the catalogue is created).
+        zeroshot: Store zero-shot label scores of each item (default labels of its modality).
+        progress: Show a tqdm bar (default: when stderr is a terminal).
+        loader: Reader as ``module:function`` (default :func:`m3bind.io.load`).
+
+    Returns:
+        ``{"added", "skipped", "failed", "total"}`` for this run (``total`` is their sum;
+        ``skipped`` includes ``duplicates``, identical content already indexed under another
+        path), plus ``duplicates`` and ``removed`` (items whose files are gone).
+    """
+    from tqdm.auto import tqdm
+
+    if not Path(root).is_dir():
+        raise M3BindError("archive root is not a folder", str(root))
+    cat = catalog if isinstance(catalog, Catalog) else Catalog(catalog, keep_phi=keep_phi)
+    root = cat.bind_root(root)
+    model = _open_model(model)
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    candidates, walk_failures = scan(root, exclude=(cat.index_dir,) + _catalog_files(cat))
+    by_rel = {c.rel: c for c in candidates}
+    total = len(candidates) + len(walk_failures)
+    bar = tqdm(total=total, unit="item", desc="indexing", dynamic_ncols=True,
+               disable=(not _isatty()) if progress is None else not progress)
+    run = _Run(cat, root, model, batch_size, zeroshot, bar)
+    try:
+        for m in MODALITIES:  # loaded (or rebuilt when stale) before anything is committed
+            run.index(m)
+        _remove_vanished(run)
+        run.record_failures([(rel, err, -1, -1.0) for rel, err in walk_failures])
+        known = _known_state(cat, run.model_key)
+        to_hash: list[Candidate] = []
+        for c in candidates:
+            state = known["items"].get(c.rel)
+            fail = known["failures"].get(c.rel)
+            if state and state[0] == c.fingerprint and state[1]:
+                run.counts["skipped"] += 1
+                bar.update(1)
+            elif fail and fail == (c.size, c.mtime):
+                run.counts["failed"] += 1
+                bar.update(1)
+            else:
+                to_hash.append(c)
+        hashes: dict[str, str] = {}
+        hash_fail = []
+        for rel, h, err in _pool_map(_hash_task, ((str(root), c.kind, c.rel, c.members) for c in to_hash),
+                                     workers, 4 * max(workers, 1),
+                                     lambda a: (a[2], None, "reader process crashed")):
+            if err:
+                c = by_rel[rel]
+                hash_fail.append((rel, err, c.size, c.mtime))
+            else:
+                hashes[rel] = h
+        run.record_failures(hash_fail)
+        to_decode, deferred = _settle_hashed(run, [c for c in to_hash if c.rel in hashes],
+                                             hashes, known)
+        batch: list[tuple[Candidate, str, dict]] = []
+        fails: list[tuple[str, str, int, float]] = []
+        tasks = ((str(root), c, modality, loader, cat.keep_phi) for c in to_decode)
+        crashed = lambda a: {"rel": a[1].rel, "error": "reader process crashed"}  # noqa: E731
+        for r in _pool_map(_decode_task, tasks, workers, 4 * max(workers, 1), crashed):
+            c = by_rel[r["rel"]]
+            if "error" in r:
+                fails.append((c.rel, r["error"], c.size, c.mtime))
+                if len(fails) >= batch_size:
+                    run.record_failures(fails)
+                    fails = []
+                continue
+            batch.append((c, hashes[c.rel], r))
+            if len(batch) >= batch_size:
+                run.commit_decoded(batch)
+                batch = []
+        if batch:
+            run.commit_decoded(batch)
+        run.record_failures(fails)
+        # identical copies found in this run, now that their originals are committed
+        _settle_hashed(run, deferred, hashes, _known_state(cat, run.model_key), final=True)
+        run.save_indices(force=True)
+        for m in list(run.indices):  # exact -> approximate when the size threshold was crossed
+            cat.vector_index(m, run.model_key)
+    finally:
+        bar.close()
+    c = run.counts
+    result = {"added": c["added"], "skipped": c["skipped"], "failed": c["failed"]}
+    result["total"] = sum(result.values())
+    result.update(duplicates=c["duplicates"], removed=c["removed"])
+    log.info("indexed %s: %s", root, result)
+    return result
+
+
+def _isatty() -> bool:
+    import sys
+
+    return sys.stderr.isatty()
+
+
+def _catalog_files(cat: Catalog) -> tuple[Path, ...]:
+    from sqlalchemy.engine import make_url
+
+    u = make_url(cat.url)
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+        db = Path(u.database)
+        return (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}-journal"))
+    return ()
+
+
+def _known_state(cat: Catalog, model_key: str) -> dict[str, dict]:
+    """Fingerprints of catalogued items (and whether their content has this model's vector),
+    and ``(size, mtime)`` of recorded failures, keyed by relative path."""
+    with cat.session() as s:
+        has = set(s.scalars(select(Embedding.item_id).where(Embedding.model_key == model_key)))
+        items = {}
+        canon_by_hash = {}
+        for iid, path, fp, chash, dup in s.execute(
+                select(Item.id, Item.path, Item.fingerprint, Item.content_hash, Item.duplicate_of_id)):
+            owner = dup if dup is not None else iid
+            items[path] = (fp, owner in has, chash, iid)
+            if dup is None and iid in has:
+                canon_by_hash.setdefault(chash, iid)
+        failures = {p: (sz, mt) for p, sz, mt in s.execute(
+            select(Failure.path, Failure.size, Failure.mtime))}
+    return {"items": items, "failures": failures, "canon": canon_by_hash}
+
+
+def _settle_hashed(run: _Run, cands: list[Candidate], hashes: dict[str, str],
+                   known: dict[str, dict],
+                   final: bool = False) -> tuple[list[Candidate], list[Candidate]]:
+    """Handle hashed items that need no decoding; return ``(to decode, deferred copies)``.
+
+    Same path and content: refresh the fingerprint (skipped). Content already indexed under
+    another path: record a duplicate (skipped). Several new copies of one content: decode the
+    first, settle the rest after it is committed (``final``).
+    """
+    to_decode: list[Candidate] = []
+    deferred: list[Candidate] = []
+    first_of: dict[str, str] = {}
+    removed: list[tuple[int, str]] = []
+    failed: list[tuple[str, str, int, float]] = []
+    with run.cat.session() as s:
+        for c in cands:
+            h = hashes[c.rel]
+            state = known["items"].get(c.rel)
+            canon = known["canon"].get(h)
+            if state and state[2] == h and state[1]:
+                s.execute(update(Item).where(Item.path == c.rel).values(
+                    size=c.size, mtime=c.mtime, fingerprint=c.fingerprint))
+            elif canon is not None and (state is None or canon != state[3]):
+                old = s.scalar(select(Item).where(Item.path == c.rel))
+                if old is not None:
+                    removed += run.release_item(s, old)
+                    s.flush()
+                canon_item = s.get(Item, canon)
+                run._upsert_item(s, c, h, modality=canon_item.modality, format=canon_item.format,
+                                 meta=canon_item.meta, study_date=canon_item.study_date,
+                                 patient_id=canon_item.patient_id, study_id=canon_item.study_id,
+                                 series_id=canon_item.series_id, duplicate_of_id=canon)
+                run.counts["duplicates"] += 1
+            elif final:
+                failed.append((c.rel, "identical to an item that could not be indexed",
+                               c.size, c.mtime))
+                continue
+            elif h in first_of:
+                deferred.append(c)  # a second new copy: settled after the first is committed
+                continue
+            else:
+                first_of[h] = c.rel
+                to_decode.append(c)
+                continue
+            run.counts["skipped"] += 1
+            run.bar.update(1)
+    run.drop_vectors(removed)
+    run.record_failures(failed)
+    return to_decode, deferred
+
+
+def _remove_vanished(run: _Run) -> None:
+    """Forget items and failures whose files no longer exist under the root."""
+    removed: list[tuple[int, str]] = []
+    with run.cat.session() as s:
+        for item in list(s.scalars(select(Item).order_by(Item.duplicate_of_id.is_(None)))):
+            if not os.path.lexists(run.root / item.path):
+                removed += run.release_item(s, item)
+                s.flush()
+                s.delete(item)
+                s.flush()
+                run.counts["removed"] += 1
+        for f in list(s.scalars(select(Failure))):
+            if not os.path.lexists(run.root / f.path):
+                s.delete(f)
+    run.drop_vectors(removed)

@@ -1,0 +1,264 @@
+"""Walking an archive root into indexable items (the first step of :mod:`data_registry.indexer`).
+
+One *item* is what :func:`m3bind.io.load` reads as one sample: a file, a DICOM series folder,
+a WFDB record (named by its ``.hea``; its ``.dat``/``.mat`` signal files are members) or an
+MRI study folder of ``t1/t2/flair/dwi`` NIfTI files. The walk never follows a symbolic link out
+of the root or round a loop; such links, special files and unreadable folders become failures.
+Study links for files that carry none come from sidecar CSVs (``m3bind_sidecar.csv`` with
+columns ``path, patient, study, date, modality``, or a ``manifest.csv`` of the simulated cohort
+with ``path, patient, modality, study_date``), paths relative to the CSV's folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from m3bind.modalities import MODALITIES
+
+log = logging.getLogger(__name__)
+
+SIDECAR = "m3bind_sidecar.csv"
+MANIFEST = "manifest.csv"
+MRI_SEQUENCES = ("t1", "t2", "flair", "dwi")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+WFDB_SIGNAL_SUFFIXES = (".dat", ".mat")
+#: Files that are never items (documents, tables, catalogue files).
+IGNORED_SUFFIXES = (".csv", ".json", ".md", ".txt", ".yaml", ".yml", ".log", ".db", ".sqlite",
+                    ".sqlite3", "-wal", "-shm", "-journal", ".m3idx", ".tmp", ".html", ".py")
+#: Folder names that hint at a modality, for formats that carry none (PNG, JPEG, TIFF, NIfTI).
+FOLDER_HINTS: dict[str, str] = {m: m for m in MODALITIES}
+FOLDER_HINTS.update({"chest": "cxr", "xray": "cxr", "x-ray": "cxr", "fundus": "retina",
+                     "ekg": "ecg", "histology": "pathology", "histopathology": "pathology",
+                     "slides": "pathology", "wsi": "pathology", "brain": "mri", "mr": "mri"})
+
+
+@dataclass
+class Candidate:
+    """One item found by the walk.
+
+    Attributes:
+        rel: Path relative to the root (POSIX separators); a folder for series/studies.
+        kind: ``file``, ``dicom_series``, ``wfdb`` or ``mri_study``.
+        members: Relative paths of the files whose bytes make up the item.
+        size: Total bytes of the members.
+        mtime: Newest member modification time.
+        fingerprint: SHA-256 over the members' names, sizes and mtimes (cheap change check).
+        hints: Study links and modality from sidecars and folder names.
+    """
+
+    rel: str
+    kind: str
+    members: list[str]
+    size: int = 0
+    mtime: float = 0.0
+    fingerprint: str = ""
+    hints: dict[str, str] = field(default_factory=dict)
+
+
+def _stat_members(root: Path, cand: Candidate) -> None:
+    h = hashlib.sha256()
+    size, mtime = 0, 0.0
+    for rel in sorted(cand.members):
+        st = os.stat(root / rel)
+        size += st.st_size
+        mtime = max(mtime, st.st_mtime)
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    cand.size, cand.mtime, cand.fingerprint = size, mtime, h.hexdigest()
+
+
+def _is_dicom(path: Path) -> bool:
+    if path.suffix.lower() == ".dcm":
+        return True
+    if path.suffix:
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
+
+
+def _series_uid(path: Path) -> str | None:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        return str(ds.get("SeriesInstanceUID", "")) or None
+    except Exception:  # noqa: BLE001 - a damaged file is reported when it is decoded
+        return None
+
+
+def _nifti_stem(name: str) -> str | None:
+    low = name.lower()
+    for suf in NIFTI_SUFFIXES:
+        if low.endswith(suf):
+            return low[: -len(suf)]
+    return None
+
+
+def folder_hint(rel: str) -> str | None:
+    """Modality suggested by the folder names of ``rel`` (innermost first), or None."""
+    for part in reversed(Path(rel).parts[:-1] or Path(rel).parts):
+        hit = FOLDER_HINTS.get(part.lower())
+        if hit:
+            return hit
+    return None
+
+
+def read_sidecar(csv_path: Path, root: Path) -> dict[str, dict[str, str]]:
+    """Study links from a sidecar or cohort manifest, keyed by path relative to ``root``."""
+    out: dict[str, dict[str, str]] = {}
+    base = csv_path.parent
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "path" not in reader.fieldnames:
+                return out
+            if csv_path.name == MANIFEST and "patient" not in reader.fieldnames:
+                return out
+            for row in reader:
+                p = (row.get("path") or "").strip()
+                if not p:
+                    continue
+                target = os.path.normpath(base / p)
+                rel = os.path.relpath(target, root)
+                if rel.startswith(".."):
+                    continue
+                info = {
+                    "patient": (row.get("patient") or "").strip(),
+                    "study": (row.get("study") or "").strip(),
+                    "date": (row.get("date") or row.get("study_date") or "").strip(),
+                    "modality": (row.get("modality") or "").strip().lower(),
+                }
+                out[Path(rel).as_posix()] = {k: v for k, v in info.items() if v}
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        log.warning("ignoring unreadable sidecar %s: %s", csv_path, e)
+    return out
+
+
+def _group_folder(root: Path, folder: Path, files: list[Path],
+                  failures: list[tuple[str, str]]) -> list[Candidate]:
+    """Items of one folder's regular files."""
+    rel = lambda p: Path(os.path.relpath(p, root)).as_posix()  # noqa: E731
+    out: list[Candidate] = []
+    used: set[Path] = set()
+    # WFDB records: the header names the item, its signal files are members
+    for hea in (f for f in files if f.suffix.lower() == ".hea"):
+        members = [hea] + [f for f in files if f.stem == hea.stem and f != hea
+                           and f.suffix.lower() in WFDB_SIGNAL_SUFFIXES]
+        used.update(members)
+        out.append(Candidate(rel(hea), "wfdb", [rel(m) for m in members]))
+    # MRI study folder: t1/t2/flair/dwi NIfTI files
+    seqs = [f for f in files if _nifti_stem(f.name) in MRI_SEQUENCES]
+    if seqs and folder != root:
+        used.update(seqs)
+        out.append(Candidate(rel(folder), "mri_study", [rel(f) for f in seqs]))
+    # DICOM: a folder holding one multi-file series is one item; single-file series are files
+    dicoms = [f for f in files if f not in used and _is_dicom(f)]
+    if len(dicoms) > 1:
+        groups: dict[str | None, list[Path]] = {}
+        for f in dicoms:
+            groups.setdefault(_series_uid(f), []).append(f)
+        multi = [g for uid, g in groups.items() if uid is not None and len(g) > 1]
+        if len(groups) == 1 and multi and folder != root:
+            used.update(dicoms)
+            out.append(Candidate(rel(folder), "dicom_series", [rel(f) for f in dicoms]))
+        elif multi:
+            for g in multi:
+                used.update(g)
+                failures.append((rel(g[0]), "folder holds several multi-file DICOM series; "
+                                 "put each series in its own folder"))
+    for f in files:
+        if f in used:
+            continue
+        low = f.name.lower()
+        if low in (SIDECAR, MANIFEST) or low.endswith(IGNORED_SUFFIXES):
+            continue
+        if f.suffix.lower() in WFDB_SIGNAL_SUFFIXES and f.with_suffix(".hea").exists():
+            continue
+        out.append(Candidate(rel(f), "file", [rel(f)]))
+    return out
+
+
+def scan(root: str | os.PathLike, exclude: tuple[Path, ...] = ()) -> tuple[list[Candidate], list[tuple[str, str]]]:
+    """Walk ``root`` into candidates and failures.
+
+    Hidden entries are skipped, as are the paths in ``exclude`` (the catalogue's own files).
+    Symbolic links are followed only inside the root and never twice into the same folder.
+
+    Returns:
+        ``(candidates, failures)``; a failure is ``(relative path, one-line error)``.
+    """
+    root = Path(root).resolve()
+    excluded = {Path(p).resolve() for p in exclude}
+    candidates: list[Candidate] = []
+    failures: list[tuple[str, str]] = []
+    sidecars: dict[str, dict[str, str]] = {}
+    visited: set[tuple[int, int]] = set()
+    stack: list[Path] = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in visited:
+                failures.append((Path(os.path.relpath(folder, root)).as_posix(),
+                                 "symbolic link loop (folder visited twice)"))
+                continue
+            visited.add((st.st_dev, st.st_ino))
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            failures.append((Path(os.path.relpath(folder, root)).as_posix(),
+                             f"cannot read folder: {e.strerror or e}"))
+            continue
+        files: list[Path] = []
+        for entry in entries:
+            path = Path(entry.path)
+            relp = Path(os.path.relpath(path, root)).as_posix()
+            if entry.name.startswith(".") or path.resolve() in excluded:
+                continue
+            try:
+                if entry.is_symlink():
+                    target = Path(os.path.realpath(path))
+                    if not target.exists():
+                        failures.append((relp, "broken symbolic link"))
+                        continue
+                    if target != root and root not in target.parents:
+                        failures.append((relp, "symbolic link points outside the archive root"))
+                        continue
+                mode = os.stat(path).st_mode
+            except OSError as e:
+                failures.append((relp, f"cannot stat: {e.strerror or e}"))
+                continue
+            if stat.S_ISDIR(mode):
+                stack.append(path)
+            elif stat.S_ISREG(mode):
+                if entry.name in (SIDECAR, MANIFEST):
+                    sidecars.update(read_sidecar(path, root))
+                files.append(path)
+            else:
+                failures.append((relp, "not a regular file"))
+        candidates.extend(_group_folder(root, folder, files, failures))
+    kept = []
+    for cand in candidates:
+        try:
+            _stat_members(root, cand)
+        except OSError as e:
+            failures.append((cand.rel, f"cannot stat: {e.strerror or e}"))
+            continue
+        hints = dict(sidecars.get(cand.rel, {}))
+        hint = folder_hint(cand.rel)
+        if "modality" not in hints and hint:
+            hints["modality"] = hint
+        if hints.get("modality") not in MODALITIES:
+            hints.pop("modality", None)
+        cand.hints = hints
+        kept.append(cand)
+    kept.sort(key=lambda c: c.rel)
+    return kept, failures

@@ -1,0 +1,98 @@
+"""Under DDP (2 gloo ranks on CPU) every loss equals the single-process loss on the
+concatenated batch, and so do the gradients (after DDP's mean over ranks)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from train import losses as L
+
+N, D, S = 5, 4, 2.5
+SHARDS = [(0, 3), (3, 5)]
+NAMES = ("clip", "align", "kd", "seskd_con", "tmcl", "emcl", "selip")  # unequal shards exercise the padding in gather_features
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    t = {k: torch.randn(N, D, generator=g, dtype=torch.float64) for k in
+         ("img", "txt", "a", "b", "stu", "c", "e")}
+    sim = torch.rand(N, N, generator=g, dtype=torch.float64)
+    sim.fill_diagonal_(1.0)
+    ids = torch.tensor([0, 1, 0, 2, 1])
+    return t, sim, ids
+
+
+def _all_losses(t, sim, ids, n_batch):
+    """Every loss on the given rows; returns name -> scalar."""
+    return {
+        "clip": L.clip_loss(t["img"], t["txt"], S),
+        "align": L.text_alignment_loss({"cxr": t["a"], "ecg": t["b"], "mri": t["txt"]},
+                                       {"cxr": 0.5, "ecg": 2.0, "mri": 1.0}),
+        "kd": L.seskd_kd_loss(t["stu"], {"cxr": t["a"], "ecg": t["b"]}),
+        "seskd_con": L.seskd_contrastive_loss({"cxr": t["stu"], "ecg": t["a"]},
+                                              {"cxr": t["img"], "ecg": t["b"]}, S),
+        "tmcl": L.tmcl_loss(t["img"], t["txt"], ids, S),
+        "emcl": L.emcl_loss(t["c"], t["e"], n_batch, S),
+        "selip": L.selip_loss(t["img"], t["txt"], sim, S),
+    }
+
+
+def _worker(rank, world, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    t, sim, ids = _data()
+    lo, hi = SHARDS[rank]
+    results = {}
+    for name in NAMES:
+        local = {k: v[lo:hi].clone().requires_grad_(True) for k, v in t.items()}
+        loss = _all_losses(local, sim, ids[lo:hi], hi - lo)[name]
+        loss.backward()
+        value = loss.detach().clone()
+        dist.all_reduce(value)
+        value /= world  # what DDP's gradient mean corresponds to
+        grads = {k: (v.grad / world if v.grad is not None else torch.zeros_like(v)) for k, v in local.items()}
+        gathered = {}
+        for k, gk in grads.items():
+            padded = torch.zeros(max(h - l_ for l_, h in SHARDS), D, dtype=gk.dtype)
+            padded[: hi - lo] = gk
+            bufs = [torch.zeros_like(padded) for _ in range(world)]
+            dist.all_gather(bufs, padded)
+            gathered[k] = torch.cat([b[: h - l_] for b, (l_, h) in zip(bufs, SHARDS)])
+        results[name] = (value, gathered)
+    if rank == 0:
+        torch.save({k: {"value": v, "grads": g} for k, (v, g) in results.items()}, out_path)
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_ranks_match_single_process(tmp_path):
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    t, sim, ids = _data()
+    assert set(got) == set(NAMES)
+    for name in got:
+        full = {k: v.clone().requires_grad_(True) for k, v in t.items()}
+        loss = _all_losses(full, sim, ids, N)[name]
+        loss.backward()
+        assert got[name]["value"].item() == pytest.approx(loss.item(), rel=1e-10), name
+        for k, v in full.items():
+            want = v.grad if v.grad is not None else torch.zeros_like(v)
+            torch.testing.assert_close(got[name]["grads"][k], want, rtol=1e-9, atol=1e-12,
+                                       msg=f"{name} grad {k}")
+
+
+def test_gather_features_is_identity_in_one_process():
+    x = torch.randn(3, 2, requires_grad=True)
+    assert L.gather_features(x) is x

@@ -1,0 +1,352 @@
+"""The archive walk and the incremental, resumable indexer (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+
+from archive_support import (
+    FakeModel,
+    catalog_url,
+    make_archive,
+    tiny_model_dir,
+    write_dicom_series,
+    write_png,
+    write_wfdb,
+)
+from data_registry.catalog import Catalog, Embedding, Failure, Item, Patient, Study
+from data_registry.indexer import content_hash, index_archive, wfdb_links
+from data_registry.scan import folder_hint, scan
+
+FAKE = "archive_support:load"
+TESTS = Path(__file__).parent
+
+
+def faiss_consistent(cat: Catalog, model_key: str) -> None:
+    """Every modality's FAISS file holds exactly the catalogue's embedding ids."""
+    with cat.session() as s:
+        mods = set(s.scalars(select(Embedding.modality).where(Embedding.model_key == model_key)))
+    for m in mods:
+        with cat.session() as s:
+            want = set(s.scalars(select(Embedding.id).where(Embedding.model_key == model_key,
+                                                            Embedding.modality == m)))
+        from m3bind.index import VectorIndex
+
+        path = cat.index_path(m, model_key)
+        assert path.exists(), path
+        assert set(VectorIndex.load(path).ids().tolist()) == want, m
+
+
+def counts(cat: Catalog) -> dict[str, int]:
+    with cat.session() as s:
+        return {
+            "items": s.scalar(select(func.count()).select_from(Item)),
+            "paths": s.scalar(select(func.count(func.distinct(Item.path)))),
+            "embeddings": s.scalar(select(func.count()).select_from(Embedding)),
+            "embedded_items": s.scalar(select(func.count(func.distinct(Embedding.item_id)))),
+            "failures": s.scalar(select(func.count()).select_from(Failure)),
+        }
+
+
+# --- the walk ---------------------------------------------------------------------------------
+def test_scan_groups_series_records_and_studies(tmp_path):
+    root = make_archive(tmp_path / "a")
+    write_dicom_series(root / "cxr_dicom", 1, "P9", "9.1", "9.1.1", "20240101")  # single file
+    (root / "notes.txt").write_text("ignored")
+    cands, fails = scan(root)
+    kinds = {c.rel: c.kind for c in cands}
+    assert kinds == {
+        "cxr/p0.png": "file", "cxr/p1.png": "file", "cxr/p2.png": "file",
+        "fundus/eye.png": "file", "ct/series1": "dicom_series", "ecg/rec1.hea": "wfdb",
+        "ecg/rec2.hea": "wfdb", "mri/s1": "mri_study", "cxr_dicom/slice000.dcm": "file"}
+    assert fails == []
+    by = {c.rel: c for c in cands}
+    assert sorted(by["ecg/rec1.hea"].members) == ["ecg/rec1.dat", "ecg/rec1.hea"]
+    assert len(by["ct/series1"].members) == 3
+    assert by["cxr/p0.png"].hints == {"patient": "PAT-1", "study": "CXR-1", "date": "2024-01-06",
+                                      "modality": "cxr"}
+    assert by["fundus/eye.png"].hints == {"modality": "retina"}
+    assert by["ct/series1"].size == sum((root / m).stat().st_size for m in by["ct/series1"].members)
+
+
+def test_scan_records_links_out_of_root_loops_and_special_files(tmp_path):
+    root = tmp_path / "a"
+    write_png(root / "x.png", 0)
+    outside = write_png(tmp_path / "outside.png", 1)
+    (root / "escape.png").symlink_to(outside)
+    (root / "sub").mkdir()
+    (root / "sub" / "up").symlink_to(root)
+    (root / "dangling.png").symlink_to(tmp_path / "missing.png")
+    os.mkfifo(root / "pipe")
+    (root / "inside.png").symlink_to(root / "x.png")
+    cands, fails = scan(root)
+    assert {c.rel for c in cands} == {"x.png", "inside.png"}
+    errors = dict(fails)
+    assert "outside the archive root" in errors["escape.png"]
+    assert "loop" in errors["sub/up"]
+    assert "broken" in errors["dangling.png"]
+    assert "regular" in errors["pipe"]
+
+
+def test_folder_hints_and_wfdb_comment_links(tmp_path):
+    assert folder_hint("data/Fundus/img.png") == "retina"
+    assert folder_hint("x/ECG/rec.hea") == "ecg"
+    assert folder_hint("misc/img.png") is None
+    hea = write_wfdb(tmp_path, "r", 0, ["patient: P-77", "study_date: 2023-05-01", "age: 61"])
+    assert wfdb_links(str(hea)) == {"patient": "P-77", "date": "2023-05-01"}
+
+
+def test_content_hash_matches_for_copies_and_ignores_file_names(tmp_path):
+    a = write_png(tmp_path / "a.png", 0)
+    (tmp_path / "b.png").write_bytes(a.read_bytes())
+    ha = content_hash(str(tmp_path), "file", "a.png", ["a.png"])
+    assert ha == content_hash(str(tmp_path), "file", "b.png", ["b.png"])
+    import hashlib
+
+    assert ha == hashlib.sha256(a.read_bytes() + b"\1").hexdigest()
+    write_dicom_series(tmp_path / "s1", 2, "P", "1", "1.1", "20240101")
+    import shutil
+
+    shutil.copytree(tmp_path / "s1", tmp_path / "s2")
+    members = lambda d: sorted(f"{d}/{p.name}" for p in (tmp_path / d).iterdir())  # noqa: E731
+    assert content_hash(str(tmp_path), "dicom_series", "s1", members("s1")) == \
+        content_hash(str(tmp_path), "dicom_series", "s2", members("s2"))
+
+
+# --- incremental indexing (fake model and PNG reader; both backends) ----------------------------
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend(request):
+    return request.param
+
+
+def _png_archive(root: Path, n: int) -> Path:
+    for i in range(n):
+        write_png(root / "cxr" / f"{i:03d}.png", i)
+    return root
+
+
+def test_reindex_unchanged_adds_nothing_and_one_change_reindexes_one(backend, tmp_path):
+    root = _png_archive(tmp_path / "a", 8)
+    write_png(root / "fundus" / "f.png", 99, rgb=True)
+    cat = Catalog(catalog_url(backend, tmp_path, "incr"), index_dir=tmp_path / "idx")
+    model = FakeModel()
+    first = index_archive(root, cat, model, workers=0, batch_size=3, loader=FAKE)
+    assert first == {"added": 9, "skipped": 0, "failed": 0, "total": 9, "duplicates": 0,
+                     "removed": 0}
+    assert model.calls == 9
+    faiss_consistent(cat, model.model_id)
+    again = index_archive(root, cat, model, workers=0, batch_size=3, loader=FAKE)
+    assert (again["added"], again["skipped"], again["total"]) == (0, 9, 9)
+    assert model.calls == 9  # nothing decoded or embedded
+    # touch without change: rehashed, not re-embedded
+    os.utime(root / "cxr" / "001.png", (time.time() + 5, time.time() + 5))
+    touched = index_archive(root, cat, model, workers=0, loader=FAKE)
+    assert touched["added"] == 0 and model.calls == 9
+    # one real change: exactly that file
+    with cat.session() as s:
+        old = s.scalar(select(Embedding.id).join(Item).where(Item.path == "cxr/002.png"))
+    write_png(root / "cxr" / "002.png", 1002)
+    changed = index_archive(root, cat, model, workers=0, loader=FAKE)
+    assert (changed["added"], changed["skipped"]) == (1, 8) and model.calls == 10
+    assert counts(cat)["embeddings"] == 9
+    with cat.session() as s:
+        new = s.scalar(select(Embedding.id).join(Item).where(Item.path == "cxr/002.png"))
+    assert new != old
+    faiss_consistent(cat, model.model_id)
+    assert cat.stats()["items"] == {"cxr": 8, "retina": 1}
+
+
+def test_duplicates_removal_and_promotion(backend, tmp_path):
+    root = _png_archive(tmp_path / "a", 3)
+    (root / "cxr" / "copy.png").write_bytes((root / "cxr" / "000.png").read_bytes())
+    (root / "cxr" / "copy2.png").write_bytes((root / "cxr" / "000.png").read_bytes())
+    cat = Catalog(catalog_url(backend, tmp_path, "dup"), index_dir=tmp_path / "idx")
+    model = FakeModel()
+    r = index_archive(root, cat, model, workers=0, loader=FAKE)
+    assert (r["added"], r["skipped"], r["duplicates"]) == (3, 2, 2) and model.calls == 3
+    assert cat.stats()["items"] == {"cxr": 3} and cat.stats()["duplicates"] == 2
+    # the original goes: a copy inherits its vector (same FAISS id), nothing is re-embedded
+    with cat.session() as s:
+        eid = s.scalar(select(Embedding.id).join(Item).where(Item.path == "000.png".join(["cxr/", ""])))
+    (root / "cxr" / "000.png").unlink()
+    r = index_archive(root, cat, model, workers=0, loader=FAKE)
+    assert r["removed"] == 1 and r["added"] == 0 and model.calls == 3
+    with cat.session() as s:
+        heir = s.scalar(select(Item).join(Embedding).where(Embedding.id == eid))
+        assert heir.path in ("cxr/copy.png", "cxr/copy2.png") and heir.duplicate_of_id is None
+        other = s.scalar(select(Item).where(Item.path.in_(["cxr/copy.png", "cxr/copy2.png"]),
+                                            Item.id != heir.id))
+        assert other.duplicate_of_id == heir.id
+    assert counts(cat)["embeddings"] == 3
+    faiss_consistent(cat, model.model_id)
+    # every copy gone: the vector goes too
+    (root / "cxr" / "copy.png").unlink()
+    (root / "cxr" / "copy2.png").unlink()
+    r = index_archive(root, cat, model, workers=0, loader=FAKE)
+    assert r["removed"] == 2 and counts(cat)["embeddings"] == 2
+    faiss_consistent(cat, model.model_id)
+
+
+def test_junk_is_recorded_and_retried_only_when_changed(backend, tmp_path):
+    root = _png_archive(tmp_path / "a", 2)
+    (root / "cxr" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    (root / "junk.bin").write_bytes(os.urandom(64))
+    (root / "empty.dcm").write_bytes(b"")
+    cat = Catalog(catalog_url(backend, tmp_path, "junk"), index_dir=tmp_path / "idx")
+    model = FakeModel()
+    r = index_archive(root, cat, model, workers=0, loader=FAKE)
+    assert (r["added"], r["failed"]) == (2, 3)
+    with cat.session() as s:
+        errs = dict(s.execute(select(Failure.path, Failure.error)).all())
+    assert set(errs) == {"cxr/bad.png", "junk.bin", "empty.dcm"}
+    assert all(e and "\n" not in e for e in errs.values())
+    r = index_archive(root, cat, model, workers=0, loader=FAKE)
+    assert (r["added"], r["skipped"], r["failed"]) == (0, 2, 3)
+    write_png(root / "cxr" / "bad.png", 50)  # repaired
+    r = index_archive(root, cat, model, workers=0, loader=FAKE)
+    assert (r["added"], r["failed"]) == (1, 2)
+    assert cat.stats()["failed"] == 2
+    (root / "junk.bin").unlink()
+    index_archive(root, cat, model, workers=0, loader=FAKE)
+    assert cat.stats()["failed"] == 1
+
+
+def test_parallel_workers_give_the_same_catalogue(tmp_path):
+    root = _png_archive(tmp_path / "a", 6)
+    (root / "junk.bin").write_bytes(b"junk")
+    inline = Catalog(tmp_path / "inline.db")
+    pooled = Catalog(tmp_path / "pooled.db")
+    index_archive(root, inline, FakeModel(), workers=0, loader=FAKE)
+    r = index_archive(root, pooled, FakeModel(), workers=2, loader=FAKE)
+    assert (r["added"], r["failed"]) == (6, 1)
+    a, _ = inline.load_vectors("cxr", "fake-0001")
+    b, _ = pooled.load_vectors("cxr", "fake-0001")
+    with inline.session() as s1, pooled.session() as s2:
+        order1 = [p for p, in s1.execute(select(Item.path).join(Embedding).order_by(Embedding.id))]
+        order2 = [p for p, in s2.execute(select(Item.path).join(Embedding).order_by(Embedding.id))]
+    np.testing.assert_array_equal(a[np.argsort(order1)], b[np.argsort(order2)])
+
+
+def test_faiss_rebuilt_from_catalogue_when_missing_or_stale(tmp_path):
+    root = _png_archive(tmp_path / "a", 5)
+    cat = Catalog(tmp_path / "c.db")
+    model = FakeModel()
+    index_archive(root, cat, model, workers=0, loader=FAKE)
+    path = cat.index_path("cxr", model.model_id)
+    path.unlink()
+    assert len(cat.vector_index("cxr", model.model_id)) == 5 and path.exists()
+    # a stale file (an older state) is replaced
+    from m3bind.index import VectorIndex
+
+    vecs, ids = cat.load_vectors("cxr", model.model_id)
+    VectorIndex.build(vecs[:2], ids[:2]).save(path)
+    assert len(cat.vector_index("cxr", model.model_id)) == 5
+    path.write_bytes(b"garbage")
+    assert len(cat.vector_index("cxr", model.model_id)) == 5
+    faiss_consistent(cat, model.model_id)
+
+
+_KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from archive_support import SlowFakeModel
+from data_registry.indexer import index_archive
+index_archive({root!r}, {db!r}, SlowFakeModel(delay=0.15), workers=0, batch_size=2,
+              loader="archive_support:load")
+"""
+
+
+def test_kill_minus_nine_then_rerun_loses_and_duplicates_nothing(tmp_path):
+    root = _png_archive(tmp_path / "a", 30)
+    (root / "cxr" / "dup.png").write_bytes((root / "cxr" / "029.png").read_bytes())
+    db = str(tmp_path / "c.db")
+    script = _KILL_SCRIPT.format(tests=str(TESTS), root=str(root), db=db)
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        n = 0
+        while time.time() < deadline:
+            if Path(db).exists():
+                try:
+                    with Catalog(db) as c:
+                        n = counts(c)["embeddings"]
+                except Exception:  # noqa: BLE001 - schema being created
+                    n = 0
+            if n >= 6:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "indexer finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    cat = Catalog(db)
+    before = counts(cat)
+    assert 6 <= before["embeddings"] < 30
+    model = FakeModel()
+    r = index_archive(root, cat, model, workers=0, loader=FAKE)
+    assert r["added"] == 30 - before["embeddings"]
+    assert r["total"] == 31 and r["failed"] == 0
+    after = counts(cat)
+    assert after == {"items": 31, "paths": 31, "embeddings": 30, "embedded_items": 30,
+                     "failures": 0}
+    assert cat.stats()["duplicates"] == 1
+    faiss_consistent(cat, model.model_id)
+    r = index_archive(root, cat, model, workers=0, loader=FAKE)
+    assert (r["added"], r["skipped"]) == (0, 31)
+
+
+# --- real readers and the tiny random model ----------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from m3bind.model import load_model
+
+    return load_model(tiny_model_dir(tmp_path_factory.getbasetemp()))
+
+
+def test_mixed_archive_with_real_readers_links_studies_without_phi(tiny_model, tmp_path):
+    root = make_archive(tmp_path / "a")
+    cat = Catalog(tmp_path / "c.db")
+    r = index_archive(root, cat, tiny_model, workers=0, batch_size=4)
+    assert r == {"added": 8, "skipped": 0, "failed": 0, "total": 8, "duplicates": 0, "removed": 0}
+    assert cat.stats()["items"] == {"cxr": 3, "ct": 1, "ecg": 2, "mri": 1, "retina": 1}
+    key1 = cat.pseudonym("PAT-1")
+    with cat.session() as s:
+        rows = s.execute(select(Item.path, Patient.key, Item.study_date)
+                         .outerjoin(Patient, Patient.id == Item.patient_id)).all()
+        pats = {p: k for p, k, _ in rows}
+        dates = {p: d.isoformat() if d else None for p, _, d in rows}
+        names = s.execute(select(Patient.name, Patient.birth_date)).all()
+        uids = list(s.scalars(select(Study.uid)))
+        meta = {p: m for p, m in s.execute(select(Item.path, Item.meta))}
+    assert pats["ct/series1"] == pats["ecg/rec1.hea"] == pats["cxr/p0.png"] == key1
+    assert pats["ecg/rec2.hea"] == pats["cxr/p2.png"] == cat.pseudonym("PAT-2") != key1
+    assert pats["mri/s1"] is None
+    assert dates["ct/series1"] == "2024-01-05" and dates["ecg/rec1.hea"] == "2024-01-07"
+    assert all(n == (None, None) for n in names) and uids == [None] * len(uids)
+    dump = repr(meta) + repr(rows)
+    assert "PAT-1" not in dump and "Doe" not in dump
+    assert cat.stats()["embeddings"] == {tiny_model.model_id: 8}
+    faiss_consistent(cat, tiny_model.model_id)
+    again = index_archive(root, cat, tiny_model, workers=0)
+    assert (again["added"], again["skipped"]) == (0, 8)
+
+
+def test_keep_phi_opt_in_stores_names(tiny_model, tmp_path):
+    root = tmp_path / "a"
+    write_dicom_series(root / "ct" / "s", 2, "PAT-9", "7.7", "7.7.1", "20230303", name="Roe^Rick")
+    cat = Catalog(tmp_path / "c.db", keep_phi=True)
+    index_archive(root, cat, tiny_model, workers=0)
+    with cat.session() as s:
+        p = s.scalar(select(Patient))
+        assert (p.key, p.name, p.birth_date) == (cat.pseudonym("PAT-9"), "Roe^Rick", "19600101")
+        assert s.scalar(select(Study.uid)) == "7.7"

@@ -1,0 +1,320 @@
+"""Training data: modality–report pairs over a cohort manifest, shared texts, batch samplers.
+
+Files go through the one data path of the project (``m3bind.io.load`` ->
+``m3bind.preprocess.preprocess``) once; the preprocessed tensors are cached as safetensors
+under the run folder, so training steps only index memory.
+
+Batches are a pure function of ``(seed, stream, step)``: every sampler draws from a
+``torch.Generator`` seeded per epoch (or per step), so a run resumed from a checkpoint at step
+k sees exactly the batches an uninterrupted run sees after step k.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from m3bind.errors import ConfigError, M3BindError
+from m3bind.modalities import get_spec
+
+from train.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.csv"
+
+
+def stream_seed(seed: int, stream: str, index: int) -> int:
+    """A stable 63-bit seed for ``(seed, stream name, index)`` (no Python ``hash`` randomisation)."""
+    h = hashlib.sha256(f"{seed}/{stream}/{index}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def generator(seed: int, stream: str, index: int) -> torch.Generator:
+    """A fresh ``torch.Generator`` for one epoch/step of one sampling stream."""
+    return torch.Generator().manual_seed(stream_seed(seed, stream, index))
+
+
+# --------------------------------------------------------------------------- cohort
+
+
+def ensure_cohort(cfg: DataConfig) -> Path:
+    """The cohort root; the simulated cohort is generated there when its manifest is missing."""
+    root = Path(cfg.cohort)
+    if cfg.adapter != "synthetic" or (root / MANIFEST).is_file():
+        return root
+    if cfg.generate_patients is None:
+        raise ConfigError("no manifest.csv and data.generate_patients is null", str(root))
+    from data_registry import synthetic
+
+    log.info("generating the simulated cohort (%d patients, seed %d) in %s",
+             cfg.generate_patients, cfg.generate_seed, root)
+    synthetic.generate(root, cfg.generate_patients, cfg.generate_seed, size=cfg.generate_size,
+                       **cfg.generate_kwargs)
+    return root
+
+
+def read_items(cfg: DataConfig, root: Path) -> list[dict[str, Any]]:
+    """Manifest rows (dicts with the DESIGN.md columns) of the cohort.
+
+    ``synthetic`` reads ``manifest.csv``; any other adapter name is looked up with
+    ``data_registry.get(name, root=root)`` and must provide ``records()`` yielding the same columns.
+    """
+    if cfg.adapter == "synthetic":
+        path = root / MANIFEST
+        if not path.is_file():
+            raise ConfigError("cohort has no manifest.csv", str(root))
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        import data_registry
+
+        ds = data_registry.get(cfg.adapter, root=str(root))
+        if not hasattr(ds, "records"):
+            raise ConfigError(f"data-set adapter {cfg.adapter!r} has no records()", str(root))
+        rows = [dict(r) for r in ds.records()]
+    need = {"item_id", "modality", "path", "label", "report", "split"}
+    if rows and not need <= set(rows[0]):
+        raise ConfigError(f"manifest lacks columns {sorted(need - set(rows[0]))}", str(root))
+    return rows
+
+
+# --------------------------------------------------------------------------- tensor cache
+
+
+def _preprocess_one(args: tuple[str, str, dict]) -> np.ndarray:
+    path, modality, params = args
+    from m3bind.io import load
+    from m3bind.preprocess import preprocess
+
+    return np.ascontiguousarray(preprocess(load(path, modality), **params), dtype=np.float32)
+
+
+def _harmonise(arrays: list[np.ndarray], modality: str) -> np.ndarray:
+    """Stack per-item arrays; tile counts (pathology) are made equal by cycling tiles."""
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        rest = {a.shape[1:] for a in arrays}
+        if len(rest) != 1:
+            raise ValueError(f"{modality}: preprocessed shapes differ: {sorted(shapes)[:4]}")
+        t = max(a.shape[0] for a in arrays)
+        arrays = [a[np.arange(t) % a.shape[0]] for a in arrays]
+    return np.stack(arrays)
+
+
+def cached_tensors(items: Sequence[Mapping[str, Any]], root: Path, modality: str,
+                   params: Mapping[str, Any], cache_dir: Path, num_workers: int = 0,
+                   progress: bool = True) -> torch.Tensor:
+    """Preprocessed tensors ``[N, ...]`` of ``items`` (one modality), built once and cached.
+
+    Args:
+        items: Manifest rows of one modality.
+        root: Cohort root (``path`` columns are relative to it).
+        modality: The modality name.
+        params: Preprocessing keyword arguments.
+        cache_dir: Folder of the safetensors cache files.
+        num_workers: Worker processes for reading/preprocessing (0 = in process).
+        progress: Show a progress bar.
+    """
+    params = dict(params)
+    key = hashlib.sha256(json.dumps({"m": modality, "p": params, "ids": [r["item_id"] for r in items]},
+                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"{modality}-{key}.safetensors"
+    if path.is_file():
+        return torch.from_numpy(load_file(str(path))["x"])
+    jobs = [(str(root / r["path"]), modality, params) for r in items]
+    desc = f"preprocess {modality}"
+    if num_workers > 0:
+        with ProcessPoolExecutor(num_workers) as ex:
+            arrays = list(tqdm(ex.map(_preprocess_one, jobs, chunksize=8), total=len(jobs),
+                               desc=desc, disable=not progress))
+    else:
+        arrays = [_preprocess_one(j) for j in tqdm(jobs, desc=desc, disable=not progress)]
+    x = _harmonise(arrays, modality)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"x": x}, str(tmp))
+    tmp.replace(path)
+    return torch.from_numpy(x)
+
+
+@dataclass
+class ModalityData:
+    """The training pairs of one modality, preprocessed and in memory."""
+
+    modality: str
+    x: torch.Tensor
+    reports: list[str]
+    labels: list[str]
+    item_ids: list[str]
+    pair_ids: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.reports)
+
+    @property
+    def text_ids(self) -> torch.Tensor:
+        """Integer id per row; identical reports share one (TMCL positives, distinct-text batches)."""
+        ids: dict[str, int] = {}
+        return torch.tensor([ids.setdefault(r, len(ids)) for r in self.reports])
+
+
+def load_modality_data(rows: Sequence[Mapping[str, Any]], root: Path, modality: str, split: str,
+                       params: Mapping[str, Any], cache_dir: Path, max_items: int | None = None,
+                       num_workers: int = 0, progress: bool = True) -> ModalityData:
+    """The ``split`` pairs of ``modality`` (preprocessed with ``params``)."""
+    items = [r for r in rows if r["modality"] == modality and r["split"] == split]
+    items.sort(key=lambda r: r["item_id"])
+    if max_items is not None:
+        items = items[:max_items]
+    if not items:
+        raise ConfigError(f"no {split} items of modality {modality}", str(root))
+    try:
+        x = cached_tensors(items, root, modality, params, cache_dir, num_workers, progress)
+    except M3BindError:
+        raise
+    return ModalityData(modality=modality, x=x, reports=[r["report"] for r in items],
+                        labels=[r["label"] for r in items], item_ids=[r["item_id"] for r in items],
+                        pair_ids=[r.get("pair_id") or "" for r in items])
+
+
+def preprocess_params(modality: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The modality's preprocessing defaults with the config's overrides applied."""
+    params = dict(get_spec(modality).preprocess_defaults)
+    params.update(overrides)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+def distinct_text_batches(texts: Sequence[str], batch_size: int, g: torch.Generator,
+                          drop_last: bool = True) -> list[list[int]]:
+    """One epoch of batches in which no two rows share a text (SeLIP's distinct-text sampler).
+
+    Rows are shuffled with ``g``; a row whose text is already in the open batch waits for the
+    next batch. A batch holds at most as many rows as there are distinct texts.
+
+    Args:
+        texts: Text of each row.
+        batch_size: Rows per batch.
+        g: Generator of the shuffle.
+        drop_last: Drop a final incomplete batch.
+    """
+    order = torch.randperm(len(texts), generator=g).tolist()
+    batches: list[list[int]] = []
+    pending = order
+    while pending:
+        batch: list[int] = []
+        seen: set[str] = set()
+        rest: list[int] = []
+        for i in pending:
+            if len(batch) < batch_size and texts[i] not in seen:
+                batch.append(i)
+                seen.add(texts[i])
+            else:
+                rest.append(i)
+        if len(batch) == batch_size or not drop_last:
+            batches.append(batch)
+        if len(batch) < batch_size:
+            break
+        pending = rest
+    return batches
+
+
+class StepBatcher:
+    """Batches indexed by global step: epoch e is a fresh distinct-text shuffle seeded by e.
+
+    ``batch(step)`` depends only on ``(seed, stream, step)``, which makes resumption exact.
+    """
+
+    def __init__(self, texts: Sequence[str], batch_size: int, seed: int, stream: str):
+        self.texts = list(texts)
+        self.batch_size = min(batch_size, len(set(self.texts)))
+        self.seed, self.stream = seed, stream
+        self._epochs: dict[int, list[list[int]]] = {}
+        self._per_epoch = len(self._epoch(0))
+        if self._per_epoch == 0:
+            raise ValueError(f"{stream}: no full batch of {self.batch_size} distinct texts")
+
+    def _epoch(self, e: int) -> list[list[int]]:
+        if e not in self._epochs:
+            self._epochs = {e: distinct_text_batches(self.texts, self.batch_size,
+                                                     generator(self.seed, self.stream, e))}
+        return self._epochs[e]
+
+    def batch(self, step: int) -> list[int]:
+        """Row indices of the batch of ``step``."""
+        e, i = divmod(step, self._per_epoch)
+        batches = self._epoch(e)
+        return batches[i % len(batches)]
+
+
+class SharedTextSampler:
+    """Shared texts for the alignment and KD losses, drawn by modality probability p_m (Eq. 3).
+
+    Each draw picks a modality with probability ``probs[m]``, then one of that modality's texts
+    uniformly; draws within a step are distinct texts where possible.
+    """
+
+    def __init__(self, pools: Mapping[str, Sequence[str]], probs: Mapping[str, float] | None,
+                 seed: int, stream: str = "shared"):
+        self.names = [m for m in pools if len(pools[m])]
+        self.pools = {m: list(pools[m]) for m in self.names}
+        if probs is None:  # uniform over the union of all texts
+            total = sum(len(self.pools[m]) for m in self.names)
+            probs = {m: len(self.pools[m]) / total for m in self.names}
+        p = torch.tensor([float(probs.get(m, 0.0)) for m in self.names], dtype=torch.float64)
+        self.probs = p / p.sum()
+        self.seed, self.stream = seed, stream
+
+    def sample(self, step: int, n: int) -> list[str]:
+        """``n`` texts for ``step``."""
+        g = generator(self.seed, self.stream, step)
+        out: list[str] = []
+        seen: set[str] = set()
+        for _ in range(4 * n):
+            m = self.names[int(torch.multinomial(self.probs, 1, generator=g))]
+            pool = self.pools[m]
+            t = pool[int(torch.randint(len(pool), (1,), generator=g))]
+            if t not in seen:
+                out.append(t)
+                seen.add(t)
+            if len(out) == n:
+                break
+        return out
+
+
+def shared_text_pools(train: Mapping[str, ModalityData], cfg: DataConfig) -> dict[str, list[str]]:
+    """Per-modality pools of shared texts: each modality's distinct training reports (+ OpenI under cxr)."""
+    pools = {m: sorted(set(d.reports)) for m, d in train.items()}
+    if cfg.shared_texts == "train_reports+openi" and "cxr" in pools:
+        from data_registry import openi
+
+        extra = [" ".join(x for x in (r.findings, r.impression) if x).strip()
+                 for r in openi.load_reports()[: cfg.openi_max]]
+        pools["cxr"] = sorted(set(pools["cxr"]) | {t for t in extra if t})
+        log.info("shared texts: %d OpenI reports added to the cxr pool", len(extra))
+    return pools
+
+
+def crc(text: str) -> int:
+    """A stable small integer for a string (text ids across processes)."""
+    return zlib.crc32(text.encode())
+
+
+def take(x: torch.Tensor, idx: Iterable[int]) -> torch.Tensor:
+    """Rows ``idx`` of ``x`` as a new tensor."""
+    return x[torch.as_tensor(list(idx), dtype=torch.long)]

@@ -1,0 +1,244 @@
+"""The training loop every stage shares: resume, seeds, autocast, clipping, skipping, logging.
+
+:func:`train_loop` runs ``step_fn(step) -> {"<name>_loss": tensor}`` for ``total`` steps with
+AdamW + warm-up/cosine, gradient averaging across ranks (the DDP gradient mean, done by hand
+so that the loss functions can call any method of the modules, not only ``forward``),
+gradient clipping, non-finite steps skipped and counted, a tqdm bar, a metrics CSV (and
+TensorBoard when installed and asked for) and an atomic checkpoint every ``ckpt_every`` steps,
+from which a rerun resumes.
+
+For kill/resume tests the environment variable ``M3BIND_KILL_AT=<loop name>:<step>`` makes the
+process SIGKILL itself right after completing that step (and its checkpoint, if one is due).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from train import distributed as D
+from train.checkpoint import load_checkpoint, save_checkpoint
+from train.config import RuntimeConfig
+from train.data import stream_seed
+
+log = logging.getLogger(__name__)
+
+KILL_ENV = "M3BIND_KILL_AT"
+
+
+@dataclass
+class Runtime:
+    """Resolved runtime: device, distributed info, autocast, output folder."""
+
+    cfg: RuntimeConfig
+    dist: D.DistInfo
+    out: Path
+    metrics_path: Path = field(init=False)
+
+    def __post_init__(self):
+        self.metrics_path = self.out / "metrics.csv"
+
+    @property
+    def device(self) -> torch.device:
+        """The torch device of this process."""
+        return torch.device(self.dist.device)
+
+    @property
+    def on_gpu(self) -> bool:
+        """True on CUDA."""
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        """bf16 autocast on GPU when enabled, else a no-op context."""
+        if self.on_gpu and self.cfg.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def seed(self, stream: str, index: int = 0) -> int:
+        """A stable seed for one stream/step of this run."""
+        return stream_seed(self.cfg.seed, stream, index)
+
+
+def warmup_cosine(warmup: int, total: int, floor: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to ``floor`` at ``total``."""
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        span = max(1, total - warmup)
+        progress = min(1.0, (step - warmup) / span)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+class MetricsLog:
+    """Append-only CSV of ``stage, step, time, lr, <loss terms>`` (rank 0 only); TensorBoard optional."""
+
+    def __init__(self, path: Path, enabled: bool, tensorboard: bool = False):
+        self.path, self.enabled = path, enabled
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+            except ImportError:
+                log.info("TensorBoard not installed; metrics go to %s only", path)
+
+    def write(self, stage: str, step: int, values: Mapping[str, float]) -> None:
+        """One row (columns ``stage, step, time, name, value`` in long format)."""
+        if not self.enabled:
+            return
+        new = not self.path.is_file()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["stage", "step", "time", "name", "value"])
+            now = f"{time.time():.3f}"
+            for k, v in values.items():
+                w.writerow([stage, step, now, k, f"{float(v):.6g}"])
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{stage}/{k}", float(v), step)
+
+
+def trainable(modules: Mapping[str, nn.Module]) -> list[nn.Parameter]:
+    """Parameters with ``requires_grad`` of the given modules (each once)."""
+    seen, out = set(), []
+    for mod in modules.values():
+        for p in mod.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def broadcast_parameters(modules: Mapping[str, nn.Module]) -> None:
+    """Rank 0's parameters and buffers on every rank (identical starting points)."""
+    if not D.is_distributed():
+        return
+    for mod in modules.values():
+        for t in list(mod.parameters()) + list(mod.buffers()):
+            torch.distributed.broadcast(t.data, src=0)
+
+
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """Mean of each gradient over ranks, as DDP does (no-op in one process)."""
+    if not D.is_distributed():
+        return
+    world = D.get_world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+        p.grad /= world
+
+
+def _maybe_kill(name: str, step: int) -> None:
+    target = os.environ.get(KILL_ENV, "")
+    if target and target == f"{name}:{step}":
+        log.warning("%s=%s: killing the process after step %d of %s", KILL_ENV, target, step, name)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop(name: str, rt: Runtime, modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer,
+               total: int, warmup: int, step_fn: Callable[[int], Mapping[str, torch.Tensor]],
+               metrics: MetricsLog, start_step: int = 0, state: dict | None = None) -> dict:
+    """Run ``step_fn`` from the latest checkpoint of ``name`` (or ``start_step``) to ``total``.
+
+    Args:
+        name: Loop name (checkpoint folder ``<out>/checkpoints/<name>``, metrics stage column).
+        rt: Runtime.
+        modules: Name -> module whose state dict is checkpointed (trainable or not).
+        optimizer: The optimizer (its param groups carry each group's peak ``lr``).
+        total: Total steps.
+        warmup: Warm-up steps of the LR schedule.
+        step_fn: Computes the named loss terms of one step (forward only).
+        metrics: Metrics log.
+        start_step: First step when no checkpoint exists.
+        state: Extra JSON state to checkpoint (updated in place from a checkpoint).
+
+    Returns:
+        Summary ``{"steps", "skipped_steps", "last": {term: value}, "seconds"}``.
+    """
+    stage_dir = rt.out / "checkpoints" / name
+    state = state if state is not None else {}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total))
+    params = trainable(modules)
+    skipped, step = 0, start_step
+    ckpt = load_checkpoint(stage_dir)
+    if ckpt is not None:
+        for key, mod in modules.items():
+            if key in ckpt["tensors"]:
+                mod.load_state_dict(ckpt["tensors"][key], strict=True)
+        if ckpt["optim"] is not None:
+            optimizer.load_state_dict(ckpt["optim"]["optimizer"])
+            scheduler.load_state_dict(ckpt["optim"]["scheduler"])
+        step = ckpt["step"]
+        skipped = int(ckpt["state"].get("skipped_steps", 0))
+        state.update(ckpt["state"].get("extra", {}))
+        log.info("%s: resumed from step %d (%s)", name, step, ckpt["dir"])
+    else:
+        broadcast_parameters(modules)
+    last: dict[str, float] = {}
+    t0 = time.time()
+    bar = tqdm(total=total, initial=step, desc=name, disable=not (rt.cfg.progress and rt.dist.is_main),
+               dynamic_ncols=True, leave=False)
+    for mod in modules.values():
+        mod.train()
+    while step < total:
+        torch.manual_seed(rt.seed(name, step))  # dropout etc. depend on the step only
+        optimizer.zero_grad(set_to_none=True)
+        with rt.autocast():
+            terms = step_fn(step)
+        loss = sum(terms.values())
+        bad = D.any_rank(not bool(torch.isfinite(loss.detach()).all()), rt.dist.device)
+        if not bad:
+            loss.backward()
+            average_gradients(params)
+            grads_ok = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+            bad = D.any_rank(not grads_ok, rt.dist.device)
+        if bad:
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            log.warning("%s step %d: non-finite loss or gradient, step skipped (%d so far)", name, step, skipped)
+        else:
+            if rt.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, rt.cfg.grad_clip)
+            optimizer.step()
+        scheduler.step()
+        step += 1
+        last = {k: float(v.detach()) for k, v in terms.items()}
+        bar.update(1)
+        if step % rt.cfg.log_every == 0 or step == total:
+            vals = {k: D.all_reduce_mean(v, rt.dist.device) for k, v in last.items()}
+            vals["lr"] = optimizer.param_groups[0]["lr"]
+            vals["skipped_steps"] = skipped
+            metrics.write(name, step, vals)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in vals.items() if k.endswith("_loss")})
+        if rt.dist.is_main and (step % rt.cfg.ckpt_every == 0 or step == total):
+            save_checkpoint(stage_dir, step, {k: m.state_dict() for k, m in modules.items()},
+                            {"skipped_steps": skipped, "extra": state},
+                            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+        D.barrier()
+        _maybe_kill(name, step)
+    bar.close()
+    for mod in modules.values():
+        mod.eval()
+    secs = time.time() - t0
+    log.info("%s: %d steps (%d skipped) in %.1fs, last %s", name, total, skipped, secs,
+             {k: round(v, 4) for k, v in last.items()})
+    return {"steps": total, "skipped_steps": skipped, "last": last, "seconds": round(secs, 2)}

@@ -1,0 +1,124 @@
+"""Stage 0: a CLIP-like teacher per modality (trained here unless a checkpoint is given).
+
+Each teacher has its own text encoder (by default a random-init tiny BERT with MiniLM's
+tokenizer), so the text spaces genuinely differ before binding — the situation M3Bind starts
+from. Training is the symmetric CLIP loss (M3Bind Eq. 1) on the modality's report pairs, with
+batches of distinct reports (identical reports in one batch would be false negatives).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from m3bind.encoders import ImageEncoderConfig
+from m3bind.config import to_dict
+from m3bind.model import ModalityCLIP, TeacherConfig as ModelTeacherConfig
+from m3bind.teachers import load_teacher
+from m3bind.modalities import get_spec
+
+from train.config import TeacherConfig, TrainConfig
+from train.data import ModalityData, StepBatcher, take
+from train.losses import OBJECTIVES
+from train.stages.common import MetricsLog, Runtime, train_loop
+
+log = logging.getLogger(__name__)
+
+
+def default_image_encoder(modality: str) -> ImageEncoderConfig:
+    """A reasonable trunk for the modality's kind when the config names none."""
+    spec = get_spec(modality)
+    if spec.kind == "image2d":
+        return ImageEncoderConfig(arch="timm", name="resnet18", in_chans=spec.channels)
+    if spec.kind == "volume":
+        params = {"sequence_mode": "set"} if spec.channels > 1 else {}
+        return ImageEncoderConfig(arch="volume_cnn", name="cnn3d", in_chans=spec.channels, params=params)
+    return ImageEncoderConfig(arch="ecg_cnn", name="ecg_cnn", in_chans=spec.channels)
+
+
+def is_tiled(modality: str, x: torch.Tensor) -> bool:
+    """Pathology batches carry a tile axis: ``[B, T, 3, S, S]``."""
+    return get_spec(modality).kind == "image2d" and x.dim() == 5
+
+
+def encode_images(image_encoder: nn.Module, modality: str, x: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Normalised image embeddings of a preprocessed batch; tiles embedded and averaged
+    (normalise, mean, normalise — as ``BoundModel.embed`` does)."""
+    x = x.to(rt.device, non_blocking=True)
+    if is_tiled(modality, x):
+        b, t = x.shape[:2]
+        x = x.flatten(0, 1)
+        if rt.on_gpu and rt.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        z = F.normalize(image_encoder(x).float(), dim=-1).view(b, t, -1).mean(1)
+        return F.normalize(z, dim=-1)
+    if x.dim() == 4 and rt.on_gpu and rt.cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return F.normalize(image_encoder(x).float(), dim=-1)
+
+
+def build_teacher(modality: str, tcfg: TeacherConfig, dim: int, preprocess: dict[str, Any], seed: int) -> ModalityCLIP:
+    """A fresh teacher for ``modality`` (random init, deterministic in ``seed``)."""
+    mcfg = ModelTeacherConfig(modality=modality, image=tcfg.image or default_image_encoder(modality),
+                              text=tcfg.text, image_head=tcfg.image_head, text_head=tcfg.text_head,
+                              dim=dim, preprocess=dict(preprocess))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ModalityCLIP.from_config(mcfg)
+
+
+def pretrain_teacher(modality: str, teacher: ModalityCLIP, data: ModalityData, tcfg: TeacherConfig,
+                     rt: Runtime, metrics: MetricsLog) -> dict:
+    """Train one teacher with the CLIP loss on its report pairs; returns the loop summary."""
+    teacher.to(rt.device)
+    if rt.on_gpu and rt.cfg.channels_last and get_spec(modality).kind == "image2d":
+        teacher.image_encoder.to(memory_format=torch.channels_last)
+    text_params = list(teacher.text_encoder.parameters())
+    text_ids = {id(p) for p in text_params}
+    other = [p for p in teacher.parameters() if id(p) not in text_ids]
+    optimizer = torch.optim.AdamW([
+        {"params": other, "lr": tcfg.lr},
+        {"params": text_params, "lr": tcfg.text_lr or tcfg.lr},
+    ], weight_decay=tcfg.weight_decay)
+    name = f"pretrain_{modality}"
+    batcher = StepBatcher(data.reports, tcfg.batch_size, rt.cfg.seed, name)
+    clip = OBJECTIVES.get("clip")
+
+    def step_fn(step: int) -> dict[str, torch.Tensor]:
+        idx = batcher.batch(step)[rt.dist.rank::rt.dist.world_size]
+        img = encode_images(teacher.image_encoder, modality, take(data.x, idx), rt)
+        txt = teacher.encode_text([data.reports[i] for i in idx])
+        return clip(img, txt, teacher.scale())
+
+    return train_loop(name, rt, {"teacher": teacher}, optimizer, tcfg.steps, tcfg.warmup_steps,
+                      step_fn, metrics)
+
+
+def run_pretrain(cfg: TrainConfig, train: dict[str, ModalityData], params: dict[str, dict], rt: Runtime,
+                 metrics: MetricsLog, sourced: dict[str, ModalityCLIP] | None = None
+                 ) -> tuple[dict[str, ModalityCLIP], dict[str, Any]]:
+    """Stage 0 for every modality: load the teachers that have checkpoints, train the others.
+
+    Args:
+        sourced: Teachers already loaded from their ``source`` (loaded here when missing).
+
+    Returns:
+        ``(teachers, summary)`` — summary per modality (``source``, steps, last losses).
+    """
+    teachers, summary = {}, {}
+    for i, m in enumerate(cfg.data.modalities):
+        tcfg = cfg.teacher(m)
+        if tcfg.source is not None:
+            teachers[m] = (sourced or {}).get(m) or load_teacher(tcfg.source)
+            summary[m] = {"source": to_dict(tcfg.source)}
+            log.info("teacher %s: loaded (%s)", m, tcfg.source.format)
+            continue
+        teacher = build_teacher(m, tcfg, cfg.dim, params[m], rt.seed("init", i))
+        summary[m] = {"source": "pretrained in stage 0",
+                      **pretrain_teacher(m, teacher, train[m], tcfg, rt, metrics)}
+        teachers[m] = teacher.cpu()
+    return teachers, summary
