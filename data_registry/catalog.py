@@ -28,6 +28,7 @@ import hmac
 import logging
 import os
 import secrets
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -197,6 +198,9 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+_THREAD_LOCK = threading.Lock()  # flock serialises processes, not threads of one process
+
+
 @contextlib.contextmanager
 def _migration_lock(engine: Engine) -> Iterator[None]:
     """Serialise migrations of one catalogue across processes (a lock file beside a SQLite
@@ -205,7 +209,7 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
     if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
         import fcntl
 
-        with open(u.database + ".lock", "w") as f:
+        with _THREAD_LOCK, open(u.database + ".lock", "w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield

@@ -141,15 +141,22 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-#: Reader metadata keys never stored without the PHI opt-in (WFDB comments carry the links).
-PHI_META = ("comments", "patient_id", "patient_name", "name", "birth", "address", "other_patient")
+#: Reader metadata keys never stored without the PHI opt-in (at any depth): identifiers,
+#: names, birth dates, free-text comments (WFDB comments carry the study links), UIDs.
+PHI_META = ("comment", "patient", "name", "birth", "address", "uid", "accession", "study_id")
 
 
-def _scrub(meta: dict[str, Any], keep_phi: bool) -> dict[str, Any]:
+def _scrub(meta: Any, keep_phi: bool) -> Any:
+    """Reader metadata without PHI keys (recursively), unless ``keep_phi``."""
     if keep_phi:
         return meta
-    return {k: v for k, v in meta.items()
-            if not any(w in k.lower() for w in PHI_META) or k.lower() == "study_description"}
+    if isinstance(meta, dict):
+        return {k: _scrub(v, keep_phi) for k, v in meta.items()
+                if not any(w in str(k).lower() for w in PHI_META)
+                and str(k).lower() not in ("study", "series", "subject")}
+    if isinstance(meta, (list, tuple)):
+        return [_scrub(v, keep_phi) for v in meta]
+    return meta
 
 
 def _decode_task(root: str, cand: Candidate, default_modality: str | None,
@@ -531,14 +538,15 @@ def index_archive(root: str | os.PathLike, catalog: str | Catalog, model, *,
                 to_hash.append(c)
         hashes: dict[str, str] = {}
         hash_fail = []
-        for rel, h, err in _pool_map(_hash_task, ((str(root), c.kind, c.rel, c.members) for c in to_hash),
-                                     workers, 4 * max(workers, 1),
-                                     lambda a: (a[2], None, "reader process crashed")):
-            if err:
-                c = by_rel[rel]
-                hash_fail.append((rel, err, c.size, c.mtime))
-            else:
-                hashes[rel] = h
+        # hashlib releases the GIL on large buffers: threads hash in parallel without spawning
+        with cf.ThreadPoolExecutor(max_workers=max(workers, 1)) as tp:
+            jobs = tp.map(lambda c: _hash_task(str(root), c.kind, c.rel, c.members), to_hash)
+            for rel, h, err in jobs:
+                if err:
+                    c = by_rel[rel]
+                    hash_fail.append((rel, err, c.size, c.mtime))
+                else:
+                    hashes[rel] = h
         run.record_failures(hash_fail)
         to_decode, deferred = _settle_hashed(run, [c for c in to_hash if c.rel in hashes],
                                              hashes, known)

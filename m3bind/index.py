@@ -29,9 +29,9 @@ MAGIC = b"M3IDX001"
 _ID_MOD = 1 << 62
 
 
-def choose_kind(n: int, exact_max: int = EXACT_MAX) -> str:
-    """``"flat"`` (exact) for up to ``exact_max`` vectors, else ``"ivf"``."""
-    return "flat" if n <= exact_max else "ivf"
+def choose_kind(n: int, exact_max: int | None = None) -> str:
+    """``"flat"`` (exact) for up to ``exact_max`` (default :data:`EXACT_MAX`) vectors, else ``"ivf"``."""
+    return "flat" if n <= (EXACT_MAX if exact_max is None else exact_max) else "ivf"
 
 
 def ivf_params(n: int) -> tuple[int, int]:
@@ -77,7 +77,7 @@ class VectorIndex:
 
     @classmethod
     def build(cls, vectors: np.ndarray, ids: np.ndarray, *, kind: str | None = None,
-              exact_max: int = EXACT_MAX, nlist: int | None = None,
+              exact_max: int | None = None, nlist: int | None = None,
               nprobe: int | None = None, seed: int = 0) -> "VectorIndex":
         """An index holding ``vectors`` under ``ids``; exact or IVF by size unless ``kind``.
 

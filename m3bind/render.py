@@ -44,6 +44,9 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "brain": (40.0, 80.0),
 }
 MAX_SIDE = 1024
+#: Caption names: the registry's titles name the usual organ ("Chest CT"); a preview names
+#: only what the file is, since the same modality images other organs too.
+_TITLES = {m: {CT: "CT", MRI: "MRI", CXR: "Radiograph"}.get(m, get_spec(m).title) for m in (CXR, CT, RETINA, ECG, PATHOLOGY, MRI)}
 
 
 def preview(sample: Sample, **opts: Any) -> np.ndarray:
@@ -61,7 +64,8 @@ def preview(sample: Sample, **opts: Any) -> np.ndarray:
     caption = opts.pop("caption", True)
     img, lines = RENDERERS.get(mod)(sample, **opts)
     if caption:
-        title = get_spec(mod).title + (" (modality guessed)" if sample.modality_guess else "")
+        title = _TITLES[mod] + (f", {sample.meta['body_part'].lower()}" if sample.meta.get("body_part") else "")
+        title += " (modality guessed)" if sample.modality_guess else ""
         img = _with_caption(img, [f"{title} | {sample.format} | shape {list(sample.shape)}"] + lines)
     return img
 
@@ -152,9 +156,9 @@ def _volume_window(sample: Sample, vol: np.ndarray, window) -> tuple[float, floa
         return (*WINDOW_PRESETS[window], window)
     if window is not None:
         return float(window[0]), float(window[1]), "custom"
+    if sample.window:
+        return float(sample.window[0]), float(sample.window[1]), "file"
     if sample.modality == CT or (sample.modality is None and float(vol.min()) < -500):
-        if sample.window:
-            return float(sample.window[0]), float(sample.window[1]), "file"
         return (*WINDOW_PRESETS["mediastinum"], "mediastinum")
     nz = vol[vol > 0] if (vol > 0).any() else vol.ravel()
     lo, hi = np.percentile(nz, [0.5, 99.5])
@@ -194,7 +198,7 @@ def render_volume(sample: Sample, window=None, slice: int | None = None, **_: An
         if name:
             img = _with_caption(img, [name], min_width=0)
         panels.append(img)
-        lines.append(f"{name + ': ' if name else ''}window {c:g}/{w:g} ({how})")
+        lines.append(f"{name + ': ' if name else ''}window {c:.4g}/{w:.4g} ({how})")
     h = max(p.shape[0] for p in panels)
     panels = [np.pad(p, ((0, h - p.shape[0]), (0, 4), (0, 0))) for p in panels]
     img = np.concatenate(panels, axis=1)
@@ -211,8 +215,11 @@ ECG_LAYOUT = (("I", "aVR", "V1", "V4"), ("II", "aVL", "V2", "V5"), ("III", "aVF"
 
 @RENDERERS.register(ECG)
 def render_ecg(sample: Sample, speed: float = 25.0, gain: float = 10.0, rhythm_lead: str = "II",
-               display_band: tuple[float, float] = (0.05, 150.0), dpi: int = 130, **_: Any):
-    """12-lead sheet at ``speed`` mm/s and ``gain`` mm/mV on a millimetre grid."""
+               display_band: tuple[float, float] | None = (0.05, 150.0), dpi: int = 130, **_: Any):
+    """12-lead sheet at ``speed`` mm/s and ``gain`` mm/mV on a millimetre grid.
+
+    The traces are shown through a zero-phase ``display_band`` filter (diagnostic 0.05-150 Hz;
+    ``None`` shows the raw signal) with each lead's median as its baseline."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.collections import LineCollection
     from matplotlib.figure import Figure
@@ -224,8 +231,9 @@ def render_ecg(sample: Sample, speed: float = 25.0, gain: float = 10.0, rhythm_l
     mask = sample.meta.get("lead_mask") or [True] * len(names)
     n10 = int(round(10 * fs))
     sig = sample.array[:, :n10].astype(np.float64)
-    band = (display_band[0], min(display_band[1], 0.45 * fs))
-    sig = bandpass(sig, fs, band) if sig.shape[1] > 3 * 7 + 1 else sig
+    band = (display_band[0], min(display_band[1], 0.45 * fs)) if display_band else None
+    if band is not None and sig.shape[1] > 3 * 7 + 1:
+        sig = bandpass(sig, fs, band)
     sig = sig - np.median(sig, axis=1, keepdims=True)
     left, pitch, top = 12.0, 35.0, 12.0
     width_mm = left + 10 * speed + 4
@@ -269,8 +277,9 @@ def render_ecg(sample: Sample, speed: float = 25.0, gain: float = 10.0, rhythm_l
         for c, lead in enumerate(leads):
             trace(lead, 2.5 * c, 2.5 * (c + 1), r, left + 2.5 * c * speed, c > 0)
     trace(rhythm_lead, 0.0, 10.0, 3, left, False)
-    ax.text(left, height_mm - 5, f"{speed:g} mm/s   {gain:g} mm/mV   {fs:g} Hz   display filter "
-            f"{band[0]:g}-{band[1]:g} Hz   record {sample.shape[1] / fs if fs else 0:.1f} s",
+    filt = f"display filter {band[0]:g}-{band[1]:g} Hz" if band else "unfiltered"
+    ax.text(left, height_mm - 5, f"{speed:g} mm/s   {gain:g} mm/mV   {fs:g} Hz   {filt}   "
+            f"record {sample.shape[1] / fs if fs else 0:.1f} s",
             fontsize=8, zorder=3)
     fig.canvas.draw()
     img = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()

@@ -285,3 +285,13 @@ def make_archive(root: Path) -> Path:
         "cxr/p1.png,PAT-1,CXR-2,2024-02-20,cxr\n"
         "cxr/p2.png,PAT-2,,2024-03-02,cxr\n")
     return root
+
+
+def crashing_load(path, modality=None, *, keep_phi: bool = False) -> Sample:
+    """:func:`load`, except that a file named ``crash*`` kills its process (a codec segfault)."""
+    import os
+    import signal
+
+    if Path(path).name.startswith("crash"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return load(path, modality, keep_phi=keep_phi)

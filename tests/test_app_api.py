@@ -17,39 +17,33 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from app.demo import package_file  # noqa: E402
 from app.web.state import Services  # noqa: E402
+from app.web.testing import synthetic_cxr, tiny_model_dir  # noqa: E402
+from samples import sample_path  # noqa: E402  (tests/samples.py, on sys.path via conftest)
 
-ECG = package_file("pydicom", "data/test_files/waveform_ecg.dcm")
-CT = package_file("pydicom", "data/test_files/CT_small.dcm")
-RETINA = package_file("skimage", "data/retina.jpg")
+ECG = sample_path("ecg_dicom")
+CT = sample_path("ct_dicom")
+RETINA = sample_path("retina")
 
 
 def cxr_sample_path(tmp: Path) -> Path:
     """pydicom-data's chest radiograph, else a synthetic DICOM CXR from the simulated cohort."""
-    real = package_file("data_store", "data/RG1_J2KR.dcm")
-    if real is not None:
-        return real
-    from data_registry.synthetic import generate, read_manifest
-
-    generate(tmp / "cohort", 6, 0, size="small")
-    rows = read_manifest(tmp / "cohort")
-    rows = rows.to_dict("records") if hasattr(rows, "to_dict") else rows
-    return tmp / "cohort" / next(r["path"] for r in rows if r["modality"] == "cxr")
+    return sample_path("cxr_dicom") or synthetic_cxr(tmp / "cohort")
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """``(services, url, model_dir, archive)`` of a running app over an indexed archive."""
-    from m3bind.testing import build_tiny_model
     from data_registry.indexer import index_archive
 
     from app.web.testing import build_archive, start_server
 
     tmp = tmp_path_factory.mktemp("app_api")
-    model_dir = build_tiny_model(tmp / "model")
+    model_dir = tiny_model_dir(tmp_path_factory.getbasetemp())
+    if ECG is None or CT is None:
+        pytest.skip("pydicom's test files are not installed")
     files = {"cxr": [cxr_sample_path(tmp)], "ecg": [ECG], "ct": [CT], "retina": [RETINA]}
-    archive = build_archive(tmp / "archive", {m: [p] for m, [p] in files.items() if p is not None})
+    archive = build_archive(tmp / "archive", {m: p for m, p in files.items() if p[0] is not None})
     url = f"sqlite:///{tmp / 'catalog.db'}"
     res = index_archive(archive, url, str(model_dir), workers=0, progress=False)
     assert res["failed"] == 0, res

@@ -30,23 +30,25 @@ pytestmark = [
 def app_url(tmp_path_factory):
     pytest.importorskip("playwright.sync_api")
     from data_registry.indexer import index_archive
-    from m3bind.testing import build_tiny_model
 
-    from app.demo import package_file
     from app.web.state import Services
-    from app.web.testing import build_archive, start_server
-    from tests.test_app_api import CT, ECG, RETINA, cxr_sample_path
+    from app.web.testing import build_archive, start_server, synthetic_cxr, tiny_model_dir
+    from samples import sample_path
+
+    ECG, CT, RETINA = sample_path("ecg_dicom"), sample_path("ct_dicom"), sample_path("retina")
+    if ECG is None:
+        pytest.skip("pydicom's waveform_ecg.dcm is not installed")
 
     tmp = tmp_path_factory.mktemp("app_browser")
-    model_dir = build_tiny_model(tmp / "model")
-    cxr = cxr_sample_path(tmp)
-    archive = build_archive(tmp / "archive", {"cxr": [cxr], "ecg": [ECG], "ct": [CT], "retina": [RETINA]})
+    model_dir = tiny_model_dir(tmp_path_factory.getbasetemp())
+    cxr = sample_path("cxr_dicom") or synthetic_cxr(tmp / "cohort")
+    files = {"cxr": [cxr], "ecg": [ECG], "ct": [CT], "retina": [RETINA]}
+    archive = build_archive(tmp / "archive", {m: p for m, p in files.items() if p[0] is not None})
     url = f"sqlite:///{tmp / 'catalog.db'}"
     index_archive(archive, url, str(model_dir), workers=0, progress=False)
     services = Services(model_dir, url, archive, prompt_dir=tmp / "prompts", work_dir=tmp / "work",
                         index_workers=0)
     demo, app_url = start_server(services)
-    assert package_file("pydicom", "data/test_files/waveform_ecg.dcm") is not None
     yield {"url": app_url, "services": services, "cxr": cxr, "ecg": ECG}
     demo.close()
 

@@ -18,6 +18,7 @@ import pytest
 from m3bind.errors import ConfigError, CorruptFile
 from m3bind.io.sample import Sample
 from m3bind.modalities import SPECS
+from train import clinical_text as ct
 from train import metrics as M
 from train.stages import evaluate as ev
 
@@ -207,6 +208,23 @@ def test_zeroshot_numbers_match_direct_computation(tmp_path, cohort, patched):
     assert report["metrics"]["distilled"]["ecg"]["retrieval"]["R@5"] == pytest.approx(np.mean(ranks < 5))
 
 
+def test_test_patient_cap_keeps_patients_linked(tmp_path, cohort, patched):
+    cfg = ev.EvalConfig(**{**FAST, "plots": False, "max_test_patients": 10, "zeroshot_modes": ["naive"]})
+    report = ev.evaluate({"distilled": FakeModel(MODS)}, cohort, tmp_path, cfg, loader=Loader())
+    assert report["data"]["n_test"] == {m: 10 for m in MODS}
+    assert report["metrics"]["distilled"]["cxr->retina"]["cross_modal"]["n_queries"] == 10
+    assert report["metrics"]["distilled"]["cxr"]["zeroshot"]["prompts"] == "naive"
+
+
+@pytest.mark.slow
+def test_minilm_initialisation_reads_clinical_text():
+    encode = ct.minilm_encoder()
+    e = encode(["the heart is enlarged", "cardiomegaly", "fracture of the left clavicle"])
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    assert e.shape == (3, 384)
+    assert e[0] @ e[1] > e[0] @ e[2]
+
+
 def test_relevance_rule_is_condition_overlap():
     rel = ev.relevance_matrix(["healthy", "diabetes;hypertension", "stroke"],
                               ["healthy", "hypertension", "stroke;diabetes"], "overlap")
@@ -223,7 +241,7 @@ def test_openi_text_task_hand_case():
 
     reports = [("the heart is enlarged", ["Cardiomegaly/mild"]), ("clear lungs", ["normal"]),
                ("big heart", ["Cardiomegaly", "Pleural Effusion/left"]), ("ok", ["normal"])]
-    out = ev.openi_text_task(encode, reports, ev.EvalConfig(bootstrap=0))
+    out = ct.openi_text_task(encode, reports, n_boot=0)
     assert out["auc[cardiomegaly]"] == pytest.approx(1.0)
     assert out["positives"]["cardiomegaly"] == 2 and out["positives"]["pleural effusion"] == 1
     assert out["n_reports"] == 4
@@ -233,8 +251,8 @@ def test_openi_text_task_hand_case():
 def test_openi_section_with_reference_encoder(tmp_path, cohort, patched, monkeypatch):
     reports = [(f"{w} seen", [mesh]) for w, mesh in
                [("cardiomegaly", "Cardiomegaly"), ("effusion", "Pleural Effusion"), ("normal", "normal")] * 4]
-    monkeypatch.setattr(ev, "openi_reports", lambda cfg: reports)
-    monkeypatch.setattr(ev, "minilm_encoder", lambda: FakeModel(MODS, seed=5).embed_text)
+    monkeypatch.setattr(ct, "openi_reports", lambda n, seed: reports)
+    monkeypatch.setattr(ct, "minilm_encoder", lambda: FakeModel(MODS, seed=5).embed_text)
     cfg = ev.EvalConfig(**{**FAST, "openi_reports": 12, "plots": False, "modalities": ["cxr"]})
     report = ev.evaluate({"distilled": FakeModel(MODS)}, cohort, tmp_path, cfg, loader=Loader())
     assert report["reference"]["minilm_init"]["cxr"]["openi_text"]["n_reports"] == 12
@@ -268,3 +286,33 @@ def test_missing_manifest_is_a_user_error(tmp_path):
         ev.read_items(tmp_path)
     assert ev.main(["--model", str(tmp_path), "--data", str(tmp_path), "--out",
                     str(tmp_path / "o"), "--stage-names", "a,b"]) == 2
+
+
+@pytest.mark.slow
+def test_cli_on_tiny_models_and_generated_cohort(tmp_path):
+    """The real pieces: a generated cohort, tiny model directories, m3bind.io and m3bind.zeroshot."""
+    from data_registry.synthetic import generate
+    from m3bind.testing import build_tiny_bound_model
+
+    mods = ("cxr", "ecg")
+    cohort = tmp_path / "cohort"
+    generate(cohort, patients=24, seed=3, progress=False, modalities=mods, test_fraction=0.4)
+    build_tiny_bound_model(mods, seed=1, shared_text=False, name="zoo").save(
+        tmp_path / "zoo", provenance={"stage": "zoo"})
+    build_tiny_bound_model(mods, seed=2).save(tmp_path / "student", provenance={"stage": "distilled"})
+    out = tmp_path / "out"
+    rc = ev.main(["--model", str(tmp_path / "zoo"), "--model", str(tmp_path / "student"),
+                  "--data", str(cohort), "--out", str(out), "--set", "bootstrap=20",
+                  "--set", "fewshot_sets=2", "--set", "openi_reports=0", "--set", "plots=false"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["metrics"]) == ["zoo", "distilled"] and report["simulated"] is True
+    for stage in ("zoo", "distilled"):
+        for m in mods:
+            zs = report["metrics"][stage][m]["zeroshot"]
+            assert 0 <= zs["accuracy"] <= 1 and zs["chance"] > 0 and len(zs["ci95"]) == 2
+            assert {"R@1", "R@5", "R@10"} <= report["metrics"][stage][m]["retrieval"].keys()
+        cm = report["metrics"][stage]["cxr->ecg"]["cross_modal"]
+        assert {"precision@10", "chance", "ci95"} <= cm.keys()
+    assert report["data"]["failed_items"] == {}
+    assert "Simulated data" in (out / "report.md").read_text()

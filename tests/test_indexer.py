@@ -350,3 +350,16 @@ def test_keep_phi_opt_in_stores_names(tiny_model, tmp_path):
         p = s.scalar(select(Patient))
         assert (p.key, p.name, p.birth_date) == (cat.pseudonym("PAT-9"), "Roe^Rick", "19600101")
         assert s.scalar(select(Study.uid)) == "7.7"
+
+
+@pytest.mark.slow
+def test_a_reader_that_kills_its_worker_fails_only_its_file(tmp_path):
+    root = _png_archive(tmp_path / "a", 4)
+    write_png(root / "cxr" / "crash.png", 77)
+    cat = Catalog(tmp_path / "c.db")
+    r = index_archive(root, cat, FakeModel(), workers=2, loader="archive_support:crashing_load")
+    assert (r["added"], r["failed"], r["total"]) == (4, 1, 5)
+    with cat.session() as s:
+        assert s.execute(select(Failure.path, Failure.error)).all() == [
+            ("cxr/crash.png", "reader process crashed")]
+    faiss_consistent(cat, "fake-0001")

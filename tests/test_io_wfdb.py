@@ -43,7 +43,7 @@ def test_odd_spellings_units_and_missing_leads(tmp_path):
     fs, n = 360.0, 720
     t = np.arange(n) / fs
     sig_uv = np.stack([1000 * np.sin(2 * np.pi * f * t) for f in (1, 2, 3, 4)], axis=1)  # in uV
-    names = ["V1 ", "avr", "MLII", "resp"]
+    names = ["v1", "avr", "MLII", "resp"]
     wfdb.wrsamp("rec", fs=fs, units=["uV"] * 4, sig_name=names, p_signal=sig_uv, fmt=["16"] * 4,
                 adc_gain=[10.0] * 4, baseline=[0] * 4, write_dir=str(tmp_path))
     s = load(tmp_path / "rec.hea")

@@ -13,8 +13,16 @@ from data_registry.synthetic.reports import ecg_report
 from m3bind.modalities import get_spec
 from train.losses import tmcl_loss
 from train.medbind import (
-    MIMIC_ECG_RULES, class_prototypes, cross_modal_zeroshot, ecg_report_from_row, ecg_report_text,
-    label_ecg_report, project_ecg_rules, split_statements, text_ids,
+    MIMIC_ECG_RULES,
+    class_prototypes,
+    cross_modal_zeroshot,
+    cross_modal_zeroshot_metrics,
+    ecg_report_from_row,
+    ecg_report_text,
+    label_ecg_report,
+    project_ecg_rules,
+    split_statements,
+    text_ids,
 )
 
 N = math.nan
@@ -23,7 +31,8 @@ CLASSES = [r.label for r in MIMIC_ECG_RULES]
 
 def _same(got: dict, want: dict) -> bool:
     return got.keys() == want.keys() and all(
-        (math.isnan(got[k]) and math.isnan(want[k])) or got[k] == want[k] for k in want)
+        (math.isnan(got[k]) and math.isnan(want[k])) or got[k] == want[k] for k in want
+    )
 
 
 # Hand-labelled MIMIC-IV-ECG style reports: (report, {NORM, MI, STTC, CD, HYP}).
@@ -37,24 +46,42 @@ CASES = [
     ("Abnormal ECG", dict(NORM=0, MI=0, STTC=0, CD=0, HYP=0)),
     ("Inferior infarct - age undetermined. Abnormal ECG.", dict(NORM=0, MI=1, STTC=0, CD=0, HYP=0)),
     # uncertainty cue before the keyword -> NaN
-    ("Possible anterior infarct - age undetermined. Abnormal ECG.", dict(NORM=0, MI=N, STTC=0, CD=0, HYP=0)),
+    (
+        "Possible anterior infarct - age undetermined. Abnormal ECG.",
+        dict(NORM=0, MI=N, STTC=0, CD=0, HYP=0),
+    ),
     ("Cannot rule out septal infarct", dict(NORM=0, MI=N, STTC=0, CD=0, HYP=0)),
     # an asserted mention anywhere wins over an uncertain one elsewhere
     ("Possible inferior infarct. Old anterior infarct.", dict(NORM=0, MI=1, STTC=0, CD=0, HYP=0)),
     # the cue after the keyword does not make it uncertain; ischemia stays uncertain but ST-T is asserted
-    ("Lateral ST-T changes may be due to myocardial ischemia", dict(NORM=0, MI=0, STTC=1, CD=0, HYP=0)),
+    (
+        "Lateral ST-T changes may be due to myocardial ischemia",
+        dict(NORM=0, MI=0, STTC=1, CD=0, HYP=0),
+    ),
     ("ST elevation anterior leads, consider acute MI", dict(NORM=0, MI=N, STTC=1, CD=0, HYP=0)),
     # disallowed content: Q-wave statement that is a normal variant; early repolarization
-    ("Q waves in III - probable normal variant. Normal ECG.", dict(NORM=1, MI=0, STTC=0, CD=0, HYP=0)),
+    (
+        "Q waves in III - probable normal variant. Normal ECG.",
+        dict(NORM=1, MI=0, STTC=0, CD=0, HYP=0),
+    ),
     ("Early repolarization. Normal ECG.", dict(NORM=1, MI=0, STTC=0, CD=0, HYP=0)),
     # negations
     ("No evidence of infarction. RBBB. LVH.", dict(NORM=0, MI=0, STTC=0, CD=1, HYP=1)),
-    ("1st degree A-V block; Left anterior fascicular block", dict(NORM=0, MI=0, STTC=0, CD=1, HYP=0)),
-    ("Left ventricular hypertrophy with repolarization abnormality", dict(NORM=0, MI=0, STTC=1, CD=0, HYP=1)),
+    (
+        "1st degree A-V block; Left anterior fascicular block",
+        dict(NORM=0, MI=0, STTC=0, CD=1, HYP=0),
+    ),
+    (
+        "Left ventricular hypertrophy with repolarization abnormality",
+        dict(NORM=0, MI=0, STTC=1, CD=0, HYP=1),
+    ),
     # NORM is exclusive of every abnormal class
     ("Normal ECG. Nonspecific T wave abnormality.", dict(NORM=0, MI=0, STTC=1, CD=0, HYP=0)),
     # indication lines are not findings
-    ("History: old myocardial infarction. Sinus rhythm. Normal ECG.", dict(NORM=1, MI=0, STTC=0, CD=0, HYP=0)),
+    (
+        "History: old myocardial infarction. Sinus rhythm. Normal ECG.",
+        dict(NORM=1, MI=0, STTC=0, CD=0, HYP=0),
+    ),
     # report-level exclusions (paced, lead reversal) -> everything NaN
     ("V-paced rhythm. Abnormal ECG.", dict(NORM=N, MI=N, STTC=N, CD=N, HYP=N)),
     ("Sinus rhythm. Lead reversal suspected. Normal ECG.", dict(NORM=N, MI=N, STTC=N, CD=N, HYP=N)),
@@ -69,7 +96,12 @@ def test_label_ecg_report_hand_labelled(report, want):
 
 
 def test_split_statements():
-    assert split_statements("Sinus rhythm. LVH; Abnormal ECG\nRBBB") == ["sinus rhythm", "lvh", "abnormal ecg", "rbbb"]
+    assert split_statements("Sinus rhythm. LVH; Abnormal ECG\nRBBB") == [
+        "sinus rhythm",
+        "lvh",
+        "abnormal ecg",
+        "rbbb",
+    ]
 
 
 def test_project_rules_agree_with_simulated_ecg_findings():
@@ -77,24 +109,51 @@ def test_project_rules_agree_with_simulated_ecg_findings():
     assert [r.label for r in rules] == list(get_spec("ecg").labels)
     rng = np.random.default_rng(0)
     for i in range(200):
-        f = {k: int(rng.random() < 0.3) for k in ("atrial fibrillation", "left ventricular hypertrophy",
-                                                     "myocardial infarction", "sinus tachycardia")}
+        f = {
+            k: int(rng.random() < 0.3)
+            for k in (
+                "atrial fibrillation",
+                "left ventricular hypertrophy",
+                "myocardial infarction",
+                "sinus tachycardia",
+            )
+        }
         attrs = {"territory": ["anterior", "inferior", "lateral"][i % 3], "af_rate": 120, "hr": 110}
-        text = ecg_report(f, attrs, ("atrial_fibrillation", "myocardial_infarction"), np.random.default_rng(i))
+        text = ecg_report(
+            f, attrs, ("atrial_fibrillation", "myocardial_infarction"), np.random.default_rng(i)
+        )
         lab = label_ecg_report(text, rules)
         af, st = f["atrial fibrillation"], f["sinus tachycardia"]
-        want = {"atrial fibrillation": af, "left ventricular hypertrophy": f["left ventricular hypertrophy"],
-                "myocardial infarction": f["myocardial infarction"], "sinus tachycardia": int(st and not af),
-                "normal sinus rhythm": int(not af and not st)}
+        want = {
+            "atrial fibrillation": af,
+            "left ventricular hypertrophy": f["left ventricular hypertrophy"],
+            "myocardial infarction": f["myocardial infarction"],
+            "sinus tachycardia": int(st and not af),
+            "normal sinus rhythm": int(not af and not st),
+        }
         assert lab == {k: float(v) for k, v in want.items()}, (text, lab)
 
 
 def test_ecg_report_text_template():
-    assert ecg_report_text(["Sinus rhythm", None, "", "nan", float("nan"), "  Left  ventricular hypertrophy. ",
-                            "sinus rhythm", "Abnormal ECG"]) == \
-        "Sinus rhythm. Left ventricular hypertrophy. Abnormal ECG."
+    assert (
+        ecg_report_text(
+            [
+                "Sinus rhythm",
+                None,
+                "",
+                "nan",
+                float("nan"),
+                "  Left  ventricular hypertrophy. ",
+                "sinus rhythm",
+                "Abnormal ECG",
+            ]
+        )
+        == "Sinus rhythm. Left ventricular hypertrophy. Abnormal ECG."
+    )
     row = {f"report_{i}": None for i in range(18)}
-    row.update(report_0="Atrial fibrillation", report_3="Abnormal ECG", report_17="Low QRS voltages")
+    row.update(
+        report_0="Atrial fibrillation", report_3="Abnormal ECG", report_17="Low QRS voltages"
+    )
     assert ecg_report_from_row(row) == "Atrial fibrillation. Abnormal ECG. Low QRS voltages."
 
 
@@ -153,8 +212,27 @@ def test_cross_modal_zeroshot_prototype_classification():
     assert preds == [labels[i] for i in order]
     assert scores.shape == (4, 4) and np.allclose(scores.sum(axis=1), 1.0, atol=1e-6)
     # independent: argmax of cosine to the normalised class means
-    protos = np.stack([support[i * 10:(i + 1) * 10] / np.linalg.norm(support[i * 10:(i + 1) * 10], axis=1,
-                                                                       keepdims=True) for i in range(4)]).mean(1)
-    cos = (query / np.linalg.norm(query, axis=1, keepdims=True)) @ (protos / np.linalg.norm(protos, axis=1,
-                                                                                              keepdims=True)).T
+    protos = np.stack(
+        [
+            support[i * 10 : (i + 1) * 10]
+            / np.linalg.norm(support[i * 10 : (i + 1) * 10], axis=1, keepdims=True)
+            for i in range(4)
+        ]
+    ).mean(1)
+    cos = (query / np.linalg.norm(query, axis=1, keepdims=True)) @ (
+        protos / np.linalg.norm(protos, axis=1, keepdims=True)
+    ).T
     assert np.allclose(scores, np.exp(10 * cos) / np.exp(10 * cos).sum(1, keepdims=True), atol=1e-5)
+
+
+def test_cross_modal_zeroshot_metrics_hand_worked():
+    # support (say ECG): class "hf" along x, class "af" along y
+    support = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    sup_labels = ["hf", "hf", "af", "af"]
+    # queries (say CXR): predicted hf, hf, af, hf; truth hf, af, af, hf
+    query = np.array([[1.0, 0.2], [0.8, 0.3], [0.2, 1.0], [0.7, 0.1]])
+    got = cross_modal_zeroshot_metrics(query, ["hf", "af", "af", "hf"], support, sup_labels)
+    # hf: tp 2, fp 1, fn 0 -> F1 4/5; af: tp 1, fp 0, fn 1 -> F1 2/3
+    assert got["accuracy"] == pytest.approx(0.75)
+    assert got["macro_f1"] == pytest.approx((4 / 5 + 2 / 3) / 2)
+    assert got["chance"] == pytest.approx(0.5)

@@ -9,8 +9,20 @@ import torch
 import data_registry.synthetic.reports as reports
 from train.losses import selip_loss
 from train.selip import (
-    EXTRACTORS, Clause, ClauseParseError, DistinctTextBatchSampler, LLMExtractor, RuleBasedExtractor,
-    build_extractor, clause_similarity, distinct_texts, report_similarity, retrieval_topk, similarity_matrix, tdc,
+    EXTRACTORS,
+    Clause,
+    ClauseParseError,
+    DistinctTextBatchSampler,
+    LLMExtractor,
+    ReportSimilarity,
+    RuleBasedExtractor,
+    build_extractor,
+    clause_similarity,
+    distinct_texts,
+    report_similarity,
+    retrieval_topk,
+    similarity_matrix,
+    tdc,
 )
 
 
@@ -43,17 +55,21 @@ def test_clause_similarity_hand_worked():
     assert clause_similarity(C1, C3) == 0.0
     assert clause_similarity(C3, C3) == 1.0
     # normalisation of fields: case and punctuation do not matter for w_loc / w_per
-    assert clause_similarity(C1, Clause("flair", "Left", "Frontal  lobe", "hyperintense.")) == pytest.approx(1.0)
+    assert clause_similarity(
+        C1, Clause("flair", "Left", "Frontal  lobe", "hyperintense.")
+    ) == pytest.approx(1.0)
 
 
 def test_similarity_matrix_three_tiny_reports():
     r1, r2, r3 = [C1], [C2], [C3, C4]
     s = similarity_matrix([r1, r2, r3])
-    want = torch.tensor([
-        [1.0, 0.8, (0 + 5 / 11) / 2],
-        [0.8, 1.0, (0 + 4 / 11) / 2],  # C2 vs C4: 4 shared of 5+6 -> 8/11, same site -> 4/11
-        [(0 + 5 / 11) / 2, (0 + 4 / 11) / 2, (1 + 0 + 0 + 1) / 4],
-    ])
+    want = torch.tensor(
+        [
+            [1.0, 0.8, (0 + 5 / 11) / 2],
+            [0.8, 1.0, (0 + 4 / 11) / 2],  # C2 vs C4: 4 shared of 5+6 -> 8/11, same site -> 4/11
+            [(0 + 5 / 11) / 2, (0 + 4 / 11) / 2, (1 + 0 + 0 + 1) / 4],
+        ]
+    )
     assert torch.allclose(s, want, atol=1e-6)
     assert report_similarity(r3, r1) == pytest.approx(report_similarity(r1, r3))
     # the matrix feeds selip_loss (soft targets with a positive diagonal)
@@ -69,13 +85,35 @@ def test_similarity_matrix_fallback_for_reports_without_clauses():
     assert s[0, 3] == pytest.approx(0.8)
 
 
+def test_report_similarity_caches_extraction():
+    calls = []
+
+    class Counting:
+        def extract(self, report):
+            calls.append(report)
+            return RuleBasedExtractor().extract(report)
+
+    rs = ReportSimilarity(Counting())
+    texts = [
+        "FLAIR: left frontal lobe shows hyperintense.",
+        "DWI: left frontal lobe shows hyperintense.",
+        "FLAIR: left frontal lobe shows hyperintense.",
+    ]
+    s = rs(texts)
+    assert torch.allclose(s, similarity_matrix([[C1], [C2], [C1]]))
+    rs(texts[:2])
+    assert sorted(calls) == sorted(set(texts))  # each distinct text extracted once
+
+
 # --------------------------------------------------------------------------- extractors
 
 
 def test_rule_extractor_sentence_forms():
-    text = ("History: suspected stroke. DWI: left frontoparietal cortex shows hyperintense, restricted diffusion. "
-            "On FLAIR, mildly hyperintense in the left frontoparietal cortex. "
-            "T2 deep white matter: hyperintense foci. Impression: acute infarct.")
+    text = (
+        "History: suspected stroke. DWI: left frontoparietal cortex shows hyperintense, restricted diffusion. "
+        "On FLAIR, mildly hyperintense in the left frontoparietal cortex. "
+        "T2 deep white matter: hyperintense foci. Impression: acute infarct."
+    )
     assert RuleBasedExtractor().extract(text) == [
         Clause("DWI", "left", "frontoparietal cortex", "hyperintense, restricted diffusion"),
         Clause("FLAIR", "left", "frontoparietal cortex", "mildly hyperintense"),
@@ -96,13 +134,23 @@ def test_rule_extractor_recovers_the_simulated_clauses(monkeypatch):
     monkeypatch.setattr(reports, "mri_clauses", spy)
     ex = build_extractor("rule")
     for seed in range(120):
-        f = {"acute ischemic stroke": seed % 2, "white matter lesions": (seed // 2) % 2, "brain tumor": (seed // 4) % 2}
-        attrs = {"stroke_side": ("left", "right")[seed % 2], "territory": ("MCA", "PCA", "ACA")[seed % 3],
-                 "tumor_side": "right"}
+        f = {
+            "acute ischemic stroke": seed % 2,
+            "white matter lesions": (seed // 2) % 2,
+            "brain tumor": (seed // 4) % 2,
+        }
+        attrs = {
+            "stroke_side": ("left", "right")[seed % 2],
+            "territory": ("MCA", "PCA", "ACA")[seed % 3],
+            "tumor_side": "right",
+        }
         text = reports.mri_report(f, attrs, ("stroke", "hypertension"), np.random.default_rng(seed))
         want = [(seq, side, site, app) for seq, side, site, app in captured[-1]]
         # an omitted side is written only for bilateral findings
-        got = [(c.modality, c.orientation or "bilateral", c.site, c.appearance) for c in ex.extract(text)]
+        got = [
+            (c.modality, c.orientation or "bilateral", c.site, c.appearance)
+            for c in ex.extract(text)
+        ]
         assert got == want, text
 
 
@@ -111,8 +159,10 @@ def test_llm_extractor_with_a_local_callable():
 
     def fake_llm(prompt: str) -> str:
         prompts.append(prompt)
-        return ('Here you go:\n```json\n[{"modality": "FLAIR", "orientation": "left", "site": "frontal lobe", '
-                '"appearance": "hyperintense"}, {"modality": "DWI", "site": "brain", "appearance": "normal"}]\n```')
+        return (
+            'Here you go:\n```json\n[{"modality": "FLAIR", "orientation": "left", "site": "frontal lobe", '
+            '"appearance": "hyperintense"}, {"modality": "DWI", "site": "brain", "appearance": "normal"}]\n```'
+        )
 
     ex = build_extractor("llm", generate=fake_llm)
     assert "llm" in EXTRACTORS and "rule" in EXTRACTORS
@@ -158,10 +208,14 @@ def test_distinct_text_sampler_with_a_dominant_text():
     batches = list(s)
     _check_epoch(batches, texts, 8)
     assert len(batches) == 10  # the 10 copies of "normal" need 10 batches
-    dl = DistinctTextBatchSampler([f"t{i}" for i in range(20)], batch_size=8, generator=gen(2), drop_last=True)
+    dl = DistinctTextBatchSampler(
+        [f"t{i}" for i in range(20)], batch_size=8, generator=gen(2), drop_last=True
+    )
     # ceil(20/8) = 3 batches of 7, 7, 6 -> none is full
     assert list(dl) == [] and len(dl) == 0
-    full = DistinctTextBatchSampler([f"t{i}" for i in range(24)], batch_size=8, generator=gen(2), drop_last=True)
+    full = DistinctTextBatchSampler(
+        [f"t{i}" for i in range(24)], batch_size=8, generator=gen(2), drop_last=True
+    )
     assert len(list(full)) == len(full) == 3
 
 
@@ -172,12 +226,14 @@ def test_distinct_texts_and_retrieval_topk_hand_worked():
     uniq, where = distinct_texts(["A b", "c", "a  B", "d"])
     assert uniq == ["A b", "c", "d"] and where.tolist() == [0, 1, 0, 2]
     txt = np.eye(4)
-    img = np.array([
-        [1.0, 0.5, 0.2, 0.1],  # own text 0 -> rank 1
-        [0.9, 0.1, 0.8, 0.0],  # own text 1 -> rank 3
-        [0.3, 0.2, 0.1, 0.0],  # own text 3 -> rank 4
-        [0.0, 0.5, 0.6, 0.0],  # own text 1 -> rank 2
-    ])
+    img = np.array(
+        [
+            [1.0, 0.5, 0.2, 0.1],  # own text 0 -> rank 1
+            [0.9, 0.1, 0.8, 0.0],  # own text 1 -> rank 3
+            [0.3, 0.2, 0.1, 0.0],  # own text 3 -> rank 4
+            [0.0, 0.5, 0.6, 0.0],  # own text 1 -> rank 2
+        ]
+    )
     got = retrieval_topk(img, txt, [0, 1, 3, 1], ks=(1, 2, 5, 10))
     assert got == {"Top-1": 0.25, "Top-2": 0.5, "Top-5": 1.0, "Top-10": 1.0}
     # independent: rank by argsort

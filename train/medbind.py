@@ -27,8 +27,8 @@ import hashlib
 import logging
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -44,12 +44,21 @@ NAN = float("nan")
 class MEDBindConfig:
     """MEDBind as an option of a training stage."""
 
-    text_loss: str = field(default="tmcl", metadata={
-        "help": "modality-text loss: tmcl (identical texts are extra positives, MEDBind Eq. 1) or clip"})
-    emcl_weight: float = field(default=1.0, metadata={
-        "help": "weight of EMCL on the paired CXR-ECG subset (MEDBind Eq. 2); 0 = MEDBind_NM"})
-    normalize_text_ids: bool = field(default=True, metadata={
-        "help": "TMCL compares texts case- and whitespace-insensitively"})
+    text_loss: str = field(
+        default="tmcl",
+        metadata={
+            "help": "modality-text loss: tmcl (identical texts are extra positives, MEDBind Eq. 1) or clip"
+        },
+    )
+    emcl_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "weight of EMCL on the paired CXR-ECG subset (MEDBind Eq. 2); 0 = MEDBind_NM"
+        },
+    )
+    normalize_text_ids: bool = field(
+        default=True, metadata={"help": "TMCL compares texts case- and whitespace-insensitively"}
+    )
 
     def __post_init__(self):
         if self.text_loss not in ("tmcl", "clip"):
@@ -83,28 +92,63 @@ class LabelRule:
 
 #: Cues before a keyword (within its statement) that make the mention uncertain (label NaN).
 UNCERTAINTY_CUES: tuple[str, ...] = (
-    r"possible", r"possibly", r"probable", r"probably", r"consider", r"cannot rule out",
-    r"cannot be ruled out", r"cannot exclude", r"can not rule out", r"may be", r"suggests?",
-    r"suspect(?:ed)?", r"questionable", r"borderline", r"likely", r"query", r"rule out",
+    r"possible",
+    r"possibly",
+    r"probable",
+    r"probably",
+    r"consider",
+    r"cannot rule out",
+    r"cannot be ruled out",
+    r"cannot exclude",
+    r"can not rule out",
+    r"may be",
+    r"suggests?",
+    r"suspect(?:ed)?",
+    r"questionable",
+    r"borderline",
+    r"likely",
+    r"query",
+    r"rule out",
 )
 
 #: Cues before a keyword (within its statement) that negate it (label 0).
 NEGATION_CUES: tuple[str, ...] = (
-    r"no", r"not", r"without", r"absence of", r"absent", r"negative for", r"no evidence of",
-    r"no longer", r"resolved", r"ruled out", r"free of",
+    r"no",
+    r"not",
+    r"without",
+    r"absence of",
+    r"absent",
+    r"negative for",
+    r"no evidence of",
+    r"no longer",
+    r"resolved",
+    r"ruled out",
+    r"free of",
 )
 
 #: Report-level exclusions: content that makes the morphology uninterpretable (all labels NaN).
 REPORT_EXCLUSIONS: tuple[str, ...] = (
-    r"pacemaker", r"paced rhythm", r"(?:a|v|av|dual|atrial|ventricular)[- ]paced", r"pacing",
-    r"lead reversal", r"limb leads? reversed", r"technically (?:poor|unsatisfactory|limited)",
-    r"data quality may affect interpretation", r"unsuitable for analysis", r"recording unsuitable",
+    r"pacemaker",
+    r"paced rhythm",
+    r"(?:a|v|av|dual|atrial|ventricular)[- ]paced",
+    r"pacing",
+    r"lead reversal",
+    r"limb leads? reversed",
+    r"technically (?:poor|unsatisfactory|limited)",
+    r"data quality may affect interpretation",
+    r"unsuitable for analysis",
+    r"recording unsuitable",
     r"uninterpretable",
 )
 
 #: Statements that carry the indication, not a finding of this tracing (skipped by the labeller).
 HISTORY_PREFIXES: tuple[str, ...] = (
-    r"clinical history", r"history", r"indication", r"reason for exam", r"patient with", r"known",
+    r"clinical history",
+    r"history",
+    r"indication",
+    r"reason for exam",
+    r"patient with",
+    r"known",
     r"clinical information",
 )
 
@@ -122,31 +166,85 @@ MIMIC_ECG_RULES: tuple[LabelRule, ...] = (
     ),
     LabelRule(
         "MI",
-        keywords=(r"infarct(?:ion)?", r"myocardial infarction", r"stemi", r"nstemi", r"acute mi",
-                  r"\bmi", r"q waves?", r"injury pattern", r"old infarct"),
-        disallowed=(r"normal variant", r"poor r wave progression", r"rate-related", r"pulmonary disease pattern"),
+        keywords=(
+            r"infarct(?:ion)?",
+            r"myocardial infarction",
+            r"stemi",
+            r"nstemi",
+            r"acute mi",
+            r"\bmi",
+            r"q waves?",
+            r"injury pattern",
+            r"old infarct",
+        ),
+        disallowed=(
+            r"normal variant",
+            r"poor r wave progression",
+            r"rate-related",
+            r"pulmonary disease pattern",
+        ),
     ),
     LabelRule(
         "STTC",
-        keywords=(r"st-t (?:wave )?changes?", r"st-t (?:wave )?abnormalit(?:y|ies)", r"st changes?",
-                  r"st depression", r"st elevation", r"t wave (?:inversion|abnormalit(?:y|ies)|changes?|flattening)",
-                  r"inverted t waves?", r"repolarization abnormality", r"ischemi[ac]", r"long qt",
-                  r"prolonged qt", r"nonspecific st", r"nonspecific t wave"),
+        keywords=(
+            r"st-t (?:wave )?changes?",
+            r"st-t (?:wave )?abnormalit(?:y|ies)",
+            r"st changes?",
+            r"st depression",
+            r"st elevation",
+            r"t wave (?:inversion|abnormalit(?:y|ies)|changes?|flattening)",
+            r"inverted t waves?",
+            r"repolarization abnormality",
+            r"ischemi[ac]",
+            r"long qt",
+            r"prolonged qt",
+            r"nonspecific st",
+            r"nonspecific t wave",
+        ),
         disallowed=(r"early repolarization", r"normal variant", r"juvenile t waves?"),
     ),
     LabelRule(
         "CD",
-        keywords=(r"bundle branch block", r"rbbb", r"lbbb", r"fascicular block", r"hemiblock",
-                  r"a-?v block", r"av conduction delay", r"heart block", r"intraventricular conduction",
-                  r"ivcd", r"wpw", r"wolff-parkinson-white", r"pre-?excitation", r"prolonged pr",
-                  r"short pr", r"1st degree", r"2nd degree", r"3rd degree", r"first degree", r"second degree",
-                  r"third degree", r"mobitz", r"wenckebach"),
+        keywords=(
+            r"bundle branch block",
+            r"rbbb",
+            r"lbbb",
+            r"fascicular block",
+            r"hemiblock",
+            r"a-?v block",
+            r"av conduction delay",
+            r"heart block",
+            r"intraventricular conduction",
+            r"ivcd",
+            r"wpw",
+            r"wolff-parkinson-white",
+            r"pre-?excitation",
+            r"prolonged pr",
+            r"short pr",
+            r"1st degree",
+            r"2nd degree",
+            r"3rd degree",
+            r"first degree",
+            r"second degree",
+            r"third degree",
+            r"mobitz",
+            r"wenckebach",
+        ),
         disallowed=(r"rate-related aberration",),
     ),
     LabelRule(
         "HYP",
-        keywords=(r"ventricular hypertrophy", r"lvh", r"rvh", r"atrial enlargement", r"atrial abnormality",
-                  r"biventricular hypertrophy", r"septal hypertrophy", r"lae", r"rae"),
+        keywords=(
+            r"ventricular hypertrophy",
+            r"lvh",
+            r"rvh",
+            r"atrial enlargement",
+            r"atrial abnormality",
+            r"biventricular hypertrophy",
+            r"septal hypertrophy",
+            r"lae",
+            r"rae",
+        ),
         disallowed=(r"hypertrophic cardiomyopathy",),
     ),
 )
@@ -233,13 +331,20 @@ def project_ecg_rules() -> tuple[LabelRule, ...]:
     labels = get_spec(ECG).labels
     mi = next(r for r in MIMIC_ECG_RULES if r.label == "MI")
     table = {
-        "normal sinus rhythm": LabelRule("normal sinus rhythm", (r"normal sinus rhythm", r"sinus rhythm"),
-                                         disallowed=(r"tachycardia", r"bradycardia")),
-        "atrial fibrillation": LabelRule("atrial fibrillation", (r"atrial fibrillation", r"afib", r"a-fib")),
-        "left ventricular hypertrophy": LabelRule("left ventricular hypertrophy",
-                                                  (r"left ventricular hypertrophy", r"lvh")),
-        "myocardial infarction": LabelRule("myocardial infarction", mi.keywords + (r"st elevation",),
-                                           mi.disallowed),
+        "normal sinus rhythm": LabelRule(
+            "normal sinus rhythm",
+            (r"normal sinus rhythm", r"sinus rhythm"),
+            disallowed=(r"tachycardia", r"bradycardia"),
+        ),
+        "atrial fibrillation": LabelRule(
+            "atrial fibrillation", (r"atrial fibrillation", r"afib", r"a-fib")
+        ),
+        "left ventricular hypertrophy": LabelRule(
+            "left ventricular hypertrophy", (r"left ventricular hypertrophy", r"lvh")
+        ),
+        "myocardial infarction": LabelRule(
+            "myocardial infarction", mi.keywords + (r"st elevation",), mi.disallowed
+        ),
         "sinus tachycardia": LabelRule("sinus tachycardia", (r"sinus tachycardia",)),
     }
     missing = [lab for lab in labels if lab not in table]
@@ -299,8 +404,13 @@ def text_ids(texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
     Returns:
         ``[N]`` int64 tensor.
     """
-    ids = [int.from_bytes(hashlib.blake2b(_canonical(t, normalize).encode("utf-8"), digest_size=8).digest(),
-                          "big") >> 1 for t in texts]
+    ids = [
+        int.from_bytes(
+            hashlib.blake2b(_canonical(t, normalize).encode("utf-8"), digest_size=8).digest(), "big"
+        )
+        >> 1
+        for t in texts
+    ]
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -312,8 +422,9 @@ def _l2(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def class_prototypes(embeddings: np.ndarray, labels: Sequence[str],
-                     classes: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+def class_prototypes(
+    embeddings: np.ndarray, labels: Sequence[str], classes: Sequence[str] | None = None
+) -> tuple[list[str], np.ndarray]:
     """One prototype per class: the mean of the class's L2-normalised embeddings, re-normalised.
 
     Args:
@@ -338,9 +449,13 @@ def class_prototypes(embeddings: np.ndarray, labels: Sequence[str],
     return classes, _l2(np.stack(protos))
 
 
-def cross_modal_zeroshot(query: np.ndarray, support: np.ndarray, support_labels: Sequence[str],
-                         classes: Sequence[str] | None = None,
-                         logit_scale: float = 1.0) -> tuple[list[str], np.ndarray, list[str]]:
+def cross_modal_zeroshot(
+    query: np.ndarray,
+    support: np.ndarray,
+    support_labels: Sequence[str],
+    classes: Sequence[str] | None = None,
+    logit_scale: float = 1.0,
+) -> tuple[list[str], np.ndarray, list[str]]:
     """MEDBind cross-modality zero-shot: classify queries of one modality by a support set of another.
 
     E.g. CXR query embeddings against ECG support embeddings labelled with (shared) classes: each
@@ -364,3 +479,38 @@ def cross_modal_zeroshot(query: np.ndarray, support: np.ndarray, support_labels:
     scores /= scores.sum(axis=1, keepdims=True)
     preds = [classes[i] for i in sims.argmax(axis=1)]
     return preds, scores.astype(np.float32), classes
+
+
+def cross_modal_zeroshot_metrics(
+    query: np.ndarray,
+    query_labels: Sequence[str],
+    support: np.ndarray,
+    support_labels: Sequence[str],
+) -> dict[str, float]:
+    """Accuracy and macro-F1 of :func:`cross_modal_zeroshot` (e.g. CXR queries, ECG support, shared classes).
+
+    Classes are those of the support set; macro-F1 averages the per-class F1 over the support
+    classes that occur among the predictions or the true query labels.
+
+    Returns:
+        ``{"accuracy", "macro_f1", "chance"}`` — chance = the accuracy of always predicting the
+        most frequent query class.
+    """
+    preds, _, classes = cross_modal_zeroshot(query, support, support_labels)
+    truth = list(query_labels)
+    if len(truth) != len(preds):
+        raise ValueError(f"{len(preds)} queries but {len(truth)} query labels")
+    acc = float(np.mean([p == t for p, t in zip(preds, truth)]))
+    f1s = []
+    for c in classes:
+        tp = sum(p == c and t == c for p, t in zip(preds, truth))
+        fp = sum(p == c and t != c for p, t in zip(preds, truth))
+        fn = sum(p != c and t == c for p, t in zip(preds, truth))
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    counts = {t: truth.count(t) for t in set(truth)}
+    return {
+        "accuracy": acc,
+        "macro_f1": float(np.mean(f1s)) if f1s else float("nan"),
+        "chance": max(counts.values()) / len(truth) if truth else float("nan"),
+    }

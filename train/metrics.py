@@ -135,6 +135,12 @@ def per_label_auc(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return np.array([binary_auc(y[:, j], scores[:, j]) for j in range(y.shape[1])])
 
 
+def mean_label_auc(y: np.ndarray, scores: np.ndarray) -> float:
+    """Mean of :func:`per_label_auc` over the labels where it is defined (NaN if none)."""
+    aucs = per_label_auc(y, scores)
+    return float("nan") if np.all(np.isnan(aucs)) else float(np.nanmean(aucs))
+
+
 def chance_level(y_true: np.ndarray, n_classes: int, kind: str = "majority") -> float:
     """Accuracy of a classifier that ignores its input.
 

@@ -3,10 +3,11 @@
 MMCLIP adds two masked objectives to CLIP training:
 
 * **AttMIM** — three patch-score maps are computed for an image: image–report cross-attention
-  (:func:`cross_attention_scores`), prompt-driven attention between the patches and the disease
-  prompts of the modality (:func:`prompt_attention_scores`) and the image's own self-attention
-  (:func:`self_attention_scores`). The union of each map's top-λ1 patches is the set of
-  clinically salient patches; a random λ2 subset of that union is masked (:func:`attmim_mask`),
+  (:func:`cross_attention_scores`, read from the EntMLM text decoder), prompt-driven attention
+  between the patches and the disease prompts of the modality (:func:`prompt_attention_scores`)
+  and the image's own self-attention (:func:`self_attention_scores`;
+  :func:`vit_tokens_and_attention` reads both of a timm ViT). The union of each map's top-λ1
+  patches is the set of clinically salient patches; a random λ2 subset of that union is masked (:func:`attmim_mask`),
   a light MAE-style decoder (:class:`MAEDecoder`) reconstructs the patches and the loss is the
   MSE on the masked patches (:func:`masked_patch_mse`).
 * **EntMLM** — medical-entity tokens of the report are found with a clinical lexicon
@@ -28,8 +29,8 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -49,21 +50,45 @@ LAMBDA1, LAMBDA2, LAMBDA3 = 0.7, 0.75, 0.2
 class MMCLIPConfig:
     """MMCLIP's masked objectives as an option of a training stage."""
 
-    lambda1: float = field(default=LAMBDA1, metadata={"help": "fraction of patches taken from each score map (top-λ1)"})
-    lambda2: float = field(default=LAMBDA2, metadata={"help": "fraction of the top-λ1 union that is masked"})
-    lambda3: float = field(default=LAMBDA3, metadata={"help": "fraction of the entity tokens masked for EntMLM"})
+    lambda1: float = field(
+        default=LAMBDA1, metadata={"help": "fraction of patches taken from each score map (top-λ1)"}
+    )
+    lambda2: float = field(
+        default=LAMBDA2, metadata={"help": "fraction of the top-λ1 union that is masked"}
+    )
+    lambda3: float = field(
+        default=LAMBDA3, metadata={"help": "fraction of the entity tokens masked for EntMLM"}
+    )
     patch_size: int = field(default=16, metadata={"help": "pixel patch size of the MIM targets"})
-    norm_pix: bool = field(default=False, metadata={"help": "normalise each target patch (MAE norm_pix_loss)"})
+    norm_pix: bool = field(
+        default=False, metadata={"help": "normalise each target patch (MAE norm_pix_loss)"}
+    )
     decoder_dim: int = field(default=128, metadata={"help": "width of the MAE-style image decoder"})
-    decoder_depth: int = field(default=2, metadata={"help": "transformer blocks of the image decoder"})
-    text_decoder_dim: int = field(default=128, metadata={"help": "width of the EntMLM text decoder"})
-    text_decoder_depth: int = field(default=2, metadata={"help": "blocks of the EntMLM text decoder"})
-    mim_weight: float = field(default=1.0, metadata={"help": "weight of the AttMIM reconstruction loss"})
+    decoder_depth: int = field(
+        default=2, metadata={"help": "transformer blocks of the image decoder"}
+    )
+    text_decoder_dim: int = field(
+        default=128, metadata={"help": "width of the EntMLM text decoder"}
+    )
+    text_decoder_depth: int = field(
+        default=2, metadata={"help": "blocks of the EntMLM text decoder"}
+    )
+    mim_weight: float = field(
+        default=1.0, metadata={"help": "weight of the AttMIM reconstruction loss"}
+    )
     mlm_weight: float = field(default=1.0, metadata={"help": "weight of the EntMLM loss"})
-    warmup_steps: int = field(default=100, metadata={
-        "help": "steps of the masked objectives alone before the joint (contrastive + masked) phase"})
-    image_only: bool = field(default=True, metadata={
-        "help": "use image-only items (no report): MIM loss alone, prompt-driven attention from disease prompts"})
+    warmup_steps: int = field(
+        default=100,
+        metadata={
+            "help": "steps of the masked objectives alone before the joint (contrastive + masked) phase"
+        },
+    )
+    image_only: bool = field(
+        default=True,
+        metadata={
+            "help": "use image-only items (no report): MIM loss alone, prompt-driven attention from disease prompts"
+        },
+    )
 
     def __post_init__(self):
         for name in ("lambda1", "lambda3"):
@@ -101,43 +126,86 @@ def cross_attention_scores(attn: Tensor, text_mask: Tensor | None = None) -> Ten
     return (attn * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
 
 
-def self_attention_scores(attn: Tensor, has_cls: bool = True) -> Tensor:
+def self_attention_scores(attn: Tensor, num_prefix: int = 1) -> Tensor:
     """Patch scores from the image encoder's self-attention (its last block, say).
 
     Args:
-        attn: ``[B, heads, N, N]`` or ``[B, N, N]`` self-attention; with ``has_cls`` token 0 is
-            the class token and ``N = 1 + P``.
-        has_cls: Score = the class token's attention to each patch; otherwise the mean
-            attention each patch receives from all tokens.
+        attn: ``[B, heads, N, N]`` or ``[B, N, N]`` self-attention over ``N = num_prefix + P``
+            tokens (class token first, then register tokens, then patches).
+        num_prefix: Prefix tokens; with at least one, the score is the class token's attention
+            to each patch, otherwise the mean attention each patch receives from all tokens.
 
     Returns:
         ``[B, P]``.
     """
     if attn.dim() == 4:
         attn = attn.mean(dim=1)
-    if has_cls:
-        return attn[:, 0, 1:]
+    if num_prefix:
+        return attn[:, 0, num_prefix:]
     return attn.mean(dim=1)
 
 
-def prompt_attention_scores(patch_tokens: Tensor, prompt_embeddings: Tensor) -> Tensor:
-    """Prompt-driven attention: how strongly the disease prompts attend to each patch.
+def vit_tokens_and_attention(vit: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Patch tokens and last-block self-attention of a timm VisionTransformer.
 
-    Each prompt attends over the patches with ``softmax_p(<q_k, x_p> / sqrt(D))`` (queries =
-    L2-normalised prompt embeddings, keys = L2-normalised patch tokens, both in the shared
-    space); the score of a patch is its attention averaged over the prompts.
+    The attention is recomputed from the input of the last block's attention module (captured
+    with a forward pre-hook), so it works with timm's fused attention too.
 
     Args:
-        patch_tokens: ``[B, P, D]`` patch tokens projected into the shared space.
+        vit: A timm ``VisionTransformer`` or a wrapper exposing it as ``.model`` (``TimmTrunk``).
+        x: Images ``[B, C, H, W]``.
+
+    Returns:
+        ``(patch_tokens [B, P, D], attention [B, heads, N, N], num_prefix_tokens)``; the tokens
+        are those of ``forward_features`` (after the final norm) without the prefix tokens.
+    """
+    model = getattr(vit, "model", vit)
+    if not hasattr(model, "blocks") or not hasattr(model, "forward_features"):
+        raise TypeError(f"{type(model).__name__} is not a timm VisionTransformer")
+    attn_mod = model.blocks[-1].attn
+    captured: list[Tensor] = []
+    handle = attn_mod.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
+    try:
+        feats = model.forward_features(x)
+    finally:
+        handle.remove()
+    h = captured[-1]
+    b, n, _ = h.shape
+    qkv = (
+        attn_mod.qkv(h)
+        .reshape(b, n, 3, attn_mod.num_heads, attn_mod.head_dim)
+        .permute(2, 0, 3, 1, 4)
+    )
+    q, k = attn_mod.q_norm(qkv[0]), attn_mod.k_norm(qkv[1])
+    attn = ((q * attn_mod.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    npre = int(getattr(model, "num_prefix_tokens", 1))
+    return feats[:, npre:], attn, npre
+
+
+def prompt_attention_scores(
+    patch_tokens: Tensor, prompt_embeddings: Tensor, temperature: float = 0.07
+) -> Tensor:
+    """Prompt-driven attention: how strongly the disease prompts attend to each patch.
+
+    Each prompt attends over the patches with ``softmax_p(cos(q_k, x_p) / temperature)``
+    (queries = prompt embeddings, keys = patch tokens, both in the shared space); the score of
+    a patch is its attention averaged over the prompts.
+
+    Args:
+        patch_tokens: ``[B, P, D]`` patch tokens projected into the shared space (the image
+            projection head applied token-wise).
         prompt_embeddings: ``[K, D]`` text embeddings of the modality's disease prompts.
+        temperature: Softmax temperature (CLIP's τ by default).
 
     Returns:
         ``[B, P]``, each row summing to 1.
     """
-    d = patch_tokens.shape[-1]
-    logits = torch.einsum("bpd,kd->bkp", F.normalize(patch_tokens, dim=-1),
-                          F.normalize(prompt_embeddings, dim=-1)) * math.sqrt(d) / d
-    return logits.softmax(dim=-1).mean(dim=1)
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0")
+    cos = torch.einsum(
+        "bpd,kd->bkp", F.normalize(patch_tokens, dim=-1), F.normalize(prompt_embeddings, dim=-1)
+    )
+    return (cos / temperature).softmax(dim=-1).mean(dim=1)
 
 
 def topk_patches(scores: Tensor, ratio: float) -> Tensor:
@@ -158,8 +226,12 @@ def topk_patches(scores: Tensor, ratio: float) -> Tensor:
     return out
 
 
-def attmim_mask(score_maps: Sequence[Tensor], lambda1: float = LAMBDA1, lambda2: float = LAMBDA2,
-                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def attmim_mask(
+    score_maps: Sequence[Tensor],
+    lambda1: float = LAMBDA1,
+    lambda2: float = LAMBDA2,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
     """AttMIM mask: a random λ2 subset of the union of every map's top-λ1 patches.
 
     For each item, ``U = ∪_maps topk(map, λ1)`` and ``round(λ2·|U|)`` patches of ``U`` are drawn
@@ -182,7 +254,9 @@ def attmim_mask(score_maps: Sequence[Tensor], lambda1: float = LAMBDA1, lambda2:
     union = torch.zeros_like(score_maps[0], dtype=torch.bool)
     for s in score_maps:
         if s.shape != union.shape:
-            raise ValueError(f"score maps differ in shape: {tuple(s.shape)} vs {tuple(union.shape)}")
+            raise ValueError(
+                f"score maps differ in shape: {tuple(s.shape)} vs {tuple(union.shape)}"
+            )
         union |= topk_patches(s, lambda1)
     mask = torch.zeros_like(union)
     for b in range(union.shape[0]):
@@ -224,7 +298,9 @@ def patchify(x: Tensor, patch: int | Sequence[int]) -> Tensor:
     return x.reshape(b, math.prod(grid), math.prod(ps) * c)
 
 
-def unpatchify(patches: Tensor, patch: int | Sequence[int], channels: int, spatial: Sequence[int]) -> Tensor:
+def unpatchify(
+    patches: Tensor, patch: int | Sequence[int], channels: int, spatial: Sequence[int]
+) -> Tensor:
     """Inverse of :func:`patchify`: ``[B, P, prod(patch)·C]`` back to ``[B, C, *spatial]``."""
     nd = len(spatial)
     ps = _patch_tuple(patch, nd)
@@ -237,7 +313,9 @@ def unpatchify(patches: Tensor, patch: int | Sequence[int], channels: int, spati
     return x.permute(*perm).reshape(b, channels, *spatial)
 
 
-def apply_patch_mask(x: Tensor, mask: Tensor, patch: int | Sequence[int], fill: float = 0.0) -> Tensor:
+def apply_patch_mask(
+    x: Tensor, mask: Tensor, patch: int | Sequence[int], fill: float = 0.0
+) -> Tensor:
     """The input with its masked patches set to ``fill`` (for encoders that see every position)."""
     p = patchify(x, patch)
     p = torch.where(mask.unsqueeze(-1), torch.full_like(p, fill), p)
@@ -283,16 +361,30 @@ class MAEDecoder(nn.Module):
         heads: Attention heads.
     """
 
-    def __init__(self, num_patches: int, encoder_dim: int, patch_dim: int, dim: int = 128,
-                 depth: int = 2, heads: int = 4):
+    def __init__(
+        self,
+        num_patches: int,
+        encoder_dim: int,
+        patch_dim: int,
+        dim: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+    ):
         super().__init__()
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.zeros(1, num_patches, dim))
         nn.init.trunc_normal_(self.pos, std=0.02)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.0,
-                                           batch_first=True, norm_first=True, activation="gelu")
+        layer = nn.TransformerEncoderLayer(
+            dim,
+            heads,
+            dim_feedforward=4 * dim,
+            dropout=0.0,
+            batch_first=True,
+            norm_first=True,
+            activation="gelu",
+        )
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, patch_dim)
@@ -307,43 +399,46 @@ class MAEDecoder(nn.Module):
 # =========================================================================== EntMLM: lexicon
 
 
+def _terms(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
 #: Public clinical terms in the style of RadLex / SNOMED CT common findings (written for m3bind).
 CLINICAL_TERMS: Mapping[str, tuple[str, ...]] = {
-    "anatomy": (
-        "lung", "lobe", "upper lobe", "lower lobe", "middle lobe", "lingula", "hilum", "mediastinum",
-        "pleura", "pleural space", "costophrenic angle", "diaphragm", "heart", "cardiac silhouette",
-        "aorta", "aortic knob", "pulmonary artery", "trachea", "bronchus", "rib", "thoracic spine",
-        "left ventricle", "right ventricle", "atrium", "septum", "myocardium", "retina", "macula",
-        "fovea", "optic disc", "cup-to-disc ratio", "arteriole", "venule", "posterior pole", "brain",
-        "cortex", "white matter", "grey matter", "gray matter", "basal ganglia", "thalamus",
-        "cerebellum", "brainstem", "ventricle", "periventricular", "frontal lobe", "parietal lobe",
-        "temporal lobe", "occipital lobe", "gland", "stroma", "nucleus", "nuclei",
+    "anatomy": _terms(
+        "lung, lobe, upper lobe, lower lobe, middle lobe, lingula, hilum, mediastinum, pleura, "
+        "pleural space, costophrenic angle, diaphragm, heart, cardiac silhouette, aorta, aortic "
+        "knob, pulmonary artery, trachea, bronchus, rib, thoracic spine, left ventricle, right "
+        "ventricle, atrium, septum, myocardium, retina, macula, fovea, optic disc, cup-to-disc "
+        "ratio, arteriole, venule, posterior pole, brain, cortex, white matter, grey matter, gray "
+        "matter, basal ganglia, thalamus, cerebellum, brainstem, ventricle, periventricular, "
+        "frontal lobe, parietal lobe, temporal lobe, occipital lobe, gland, stroma, nucleus, "
+        "nuclei"
     ),
-    "finding": (
-        "opacity", "consolidation", "effusion", "pneumothorax", "atelectasis", "nodule", "mass",
-        "lesion", "edema", "oedema", "cardiomegaly", "air bronchogram", "meniscus", "granuloma",
-        "calcification", "fracture", "hyperinflation", "emphysema", "fibrosis", "pneumonia",
-        "infiltrate", "microaneurysm", "haemorrhage", "hemorrhage", "hard exudate", "exudate",
-        "cotton wool spot", "venous beading", "neovascularisation", "arteriovenous nicking",
-        "av nipping", "infarct", "infarction", "ischemia", "ischaemia", "hypertrophy", "fibrillation",
-        "flutter", "tachycardia", "bradycardia", "bundle branch block", "st elevation",
-        "st depression", "t wave inversion", "q wave", "qrs", "p wave", "hyperintensity",
-        "hypointense", "hyperintense", "restricted diffusion", "mass effect", "midline shift",
-        "metastasis", "tumor", "tumour", "carcinoma", "adenocarcinoma", "atypia", "mitoses",
-        "pleomorphism", "necrosis", "malignancy", "stroke", "retinopathy", "infiltration",
+    "finding": _terms(
+        "opacity, consolidation, effusion, pneumothorax, atelectasis, nodule, mass, lesion, "
+        "edema, oedema, cardiomegaly, air bronchogram, meniscus, granuloma, calcification, "
+        "fracture, hyperinflation, emphysema, fibrosis, pneumonia, infiltrate, microaneurysm, "
+        "haemorrhage, hemorrhage, hard exudate, exudate, cotton wool spot, venous beading, "
+        "neovascularisation, arteriovenous nicking, av nipping, infarct, infarction, ischemia, "
+        "ischaemia, hypertrophy, fibrillation, flutter, tachycardia, bradycardia, bundle branch "
+        "block, st elevation, st depression, t wave inversion, q wave, qrs, p wave, "
+        "hyperintensity, hypointense, hyperintense, restricted diffusion, mass effect, midline "
+        "shift, metastasis, tumor, tumour, carcinoma, adenocarcinoma, atypia, mitoses, "
+        "pleomorphism, necrosis, malignancy, stroke, retinopathy, infiltration"
     ),
-    "descriptor": (
-        "enlarged", "spiculated", "lobulated", "focal", "diffuse", "bilateral", "patchy",
-        "confluent", "punctate", "acute", "chronic", "subacute", "benign", "malignant", "high grade",
-        "low grade", "well differentiated", "poorly differentiated", "vasogenic", "non-proliferative",
-        "proliferative",
+    "descriptor": _terms(
+        "enlarged, spiculated, lobulated, focal, diffuse, bilateral, patchy, confluent, punctate, "
+        "acute, chronic, subacute, benign, malignant, high grade, low grade, well differentiated, "
+        "poorly differentiated, vasogenic, non-proliferative, proliferative"
     ),
 }
+
 
 _STOP = frozenset(
     "a an the of in on at to with without and or but by for from as is are be been this that these "
     "those its it than above below per one two many few small large mild only any some no not only "
-    "above over under into onto within between beats minute".split()
+    "above over under into onto within between beats minute consistent faster suspicious".split()
 )
 
 
@@ -384,7 +479,9 @@ class ClinicalLexicon:
         return [m.span() for m in self._re.finditer(text.lower())]
 
 
-def build_clinical_lexicon(modalities: Sequence[str] = MODALITIES, extra: Iterable[str] = ()) -> ClinicalLexicon:
+def build_clinical_lexicon(
+    modalities: Sequence[str] = MODALITIES, extra: Iterable[str] = ()
+) -> ClinicalLexicon:
     """The project's clinical lexicon.
 
     Terms: every label of the modalities' specs, the content-word runs of their expert
@@ -429,16 +526,24 @@ def entity_token_mask(offsets: Tensor, texts: Sequence[str], lexicon: ClinicalLe
     return out
 
 
-def tokenize_with_entities(tokenizer, texts: Sequence[str], lexicon: ClinicalLexicon,
-                           max_length: int = 128) -> tuple[dict[str, Tensor], Tensor]:
+def tokenize_with_entities(
+    tokenizer, texts: Sequence[str], lexicon: ClinicalLexicon, max_length: int = 128
+) -> tuple[dict[str, Tensor], Tensor]:
     """Tokenise ``texts`` with a fast HF tokenizer and mark the entity tokens.
 
     Returns:
         ``(encoding, entity_mask [B, T])``; the encoding holds ``input_ids``, ``attention_mask``
         and ``special_tokens_mask`` (no offsets).
     """
-    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
-                    return_offsets_mapping=True, return_special_tokens_mask=True, return_tensors="pt")
+    enc = tokenizer(
+        list(texts),
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+        return_tensors="pt",
+    )
     offsets = enc.pop("offset_mapping")
     return dict(enc), entity_token_mask(offsets, texts, lexicon)
 
@@ -451,8 +556,12 @@ def causal_positions(attention_mask: Tensor, special_tokens_mask: Tensor | None 
     return ok
 
 
-def entmlm_mask(entity_mask: Tensor, causal_mask: Tensor, lambda3: float = LAMBDA3,
-                generator: torch.Generator | None = None) -> Tensor:
+def entmlm_mask(
+    entity_mask: Tensor,
+    causal_mask: Tensor,
+    lambda3: float = LAMBDA3,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """EntMLM mask: a random λ3 subset of the entity tokens that are in the causal mask.
 
     For each text, ``E = entity ∩ causal`` and ``max(1, round(λ3·|E|))`` positions of ``E`` are
@@ -474,16 +583,37 @@ def entmlm_mask(entity_mask: Tensor, causal_mask: Tensor, lambda3: float = LAMBD
     return out
 
 
-def apply_token_mask(input_ids: Tensor, mask: Tensor, mask_token_id: int,
-                     ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+def apply_token_mask(
+    input_ids: Tensor, mask: Tensor, mask_token_id: int, ignore_index: int = -100
+) -> tuple[Tensor, Tensor]:
     """Replace masked tokens by ``mask_token_id``; labels hold the original ids there, ``ignore_index`` elsewhere."""
     masked = input_ids.masked_fill(mask, mask_token_id)
     labels = input_ids.masked_fill(~mask, ignore_index)
     return masked, labels
 
 
+class _DecoderBlock(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: Tensor, img: Tensor, pad: Tensor | None) -> tuple[Tensor, Tensor]:
+        h = self.norm1(x)
+        x = x + self.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0]
+        h = self.norm2(x)
+        out, w = self.cross_attn(h, img, img, need_weights=True, average_attn_weights=False)
+        x = x + out
+        return x + self.mlp(self.norm3(x)), w
+
+
 class TextDecoder(nn.Module):
     """A small text decoder for EntMLM: self-attention over the (masked) report, cross-attention to the image.
+
+    Its last block's cross-attention weights (report tokens over image patches) are the
+    image–report cross-attention map of AttMIM (:func:`cross_attention_scores`).
 
     Args:
         vocab_size: Output vocabulary (the text encoder's tokenizer).
@@ -494,28 +624,45 @@ class TextDecoder(nn.Module):
         heads: Attention heads.
     """
 
-    def __init__(self, vocab_size: int, text_dim: int, image_dim: int, dim: int = 128, depth: int = 2,
-                 heads: int = 4):
+    def __init__(
+        self,
+        vocab_size: int,
+        text_dim: int,
+        image_dim: int,
+        dim: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+    ):
         super().__init__()
+        if depth < 1:
+            raise ValueError("TextDecoder needs depth >= 1")
         self.text_in = nn.Linear(text_dim, dim)
         self.image_in = nn.Linear(image_dim, dim)
-        layer = nn.TransformerDecoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.0,
-                                           batch_first=True, norm_first=True, activation="gelu")
-        self.blocks = nn.TransformerDecoder(layer, depth)
+        self.blocks = nn.ModuleList(_DecoderBlock(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size)
 
-    def forward(self, text_tokens: Tensor, image_tokens: Tensor, text_padding_mask: Tensor | None = None) -> Tensor:
-        """Token logits ``[B, T, vocab]``.
+    def forward(
+        self,
+        text_tokens: Tensor,
+        image_tokens: Tensor,
+        text_padding_mask: Tensor | None = None,
+        return_attention: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Token logits ``[B, T, vocab]`` (and the last cross-attention ``[B, heads, T, P]``).
 
         Args:
             text_tokens: ``[B, T, text_dim]`` token states of the masked report.
             image_tokens: ``[B, P, image_dim]`` patch tokens.
             text_padding_mask: ``[B, T]`` True at padding positions.
+            return_attention: Also return the last block's cross-attention weights.
         """
-        x = self.blocks(self.text_in(text_tokens), self.image_in(image_tokens),
-                        tgt_key_padding_mask=text_padding_mask)
-        return self.head(self.norm(x))
+        x, img = self.text_in(text_tokens), self.image_in(image_tokens)
+        w = None
+        for blk in self.blocks:
+            x, w = blk(x, img, text_padding_mask)
+        logits = self.head(self.norm(x))
+        return (logits, w) if return_attention else logits
 
 
 def masked_token_ce(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
@@ -529,8 +676,9 @@ def masked_token_ce(logits: Tensor, labels: Tensor, ignore_index: int = -100) ->
 # =========================================================================== prompts and schedule
 
 
-def disease_prompts(modality: str, labels: Sequence[str] | None = None,
-                    templates: Sequence[str] | None = None) -> list[str]:
+def disease_prompts(
+    modality: str, labels: Sequence[str] | None = None, templates: Sequence[str] | None = None
+) -> list[str]:
     """Disease prompts of a modality: every template filled with every label.
 
     Used for the prompt-driven attention of every item and as the only text signal of
@@ -551,3 +699,98 @@ def training_phase(step: int, warmup_steps: int) -> str:
         raise ValueError("warmup_steps must be >= 0")
     return "masked" if step < warmup_steps else "joint"
 
+
+# =========================================================================== the masked objectives together
+
+
+class MMCLIPHeads(nn.Module):
+    """What MMCLIP adds to a ViT CLIP model: the MAE-style image decoder and the EntMLM text decoder.
+
+    :meth:`losses` runs one AttMIM + EntMLM step: score maps from the unmasked image (self-
+    attention, prompt-driven attention and — for items with a report — the text decoder's
+    cross-attention), the AttMIM mask, the masked image through the same ViT, reconstruction.
+
+    Args:
+        cfg: The MMCLIP options (λ1, λ2, patch size, decoder sizes, loss weights).
+        num_patches: Patches per image of the ViT.
+        encoder_dim: Width of the ViT tokens.
+        patch_dim: Values per pixel patch (``patch_size²·C``).
+        vocab_size: Text tokenizer vocabulary.
+        text_dim: Width of the text encoder's token states.
+    """
+
+    def __init__(
+        self,
+        cfg: MMCLIPConfig,
+        num_patches: int,
+        encoder_dim: int,
+        patch_dim: int,
+        vocab_size: int,
+        text_dim: int,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.image_decoder = MAEDecoder(
+            num_patches, encoder_dim, patch_dim, cfg.decoder_dim, cfg.decoder_depth
+        )
+        self.text_decoder = TextDecoder(
+            vocab_size, text_dim, encoder_dim, cfg.text_decoder_dim, cfg.text_decoder_depth
+        )
+
+    def losses(
+        self,
+        vit: nn.Module,
+        images: Tensor,
+        prompt_embeddings: Tensor,
+        project,
+        text_states: Tensor | None = None,
+        mlm_labels: Tensor | None = None,
+        text_padding_mask: Tensor | None = None,
+        has_text: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """``{"mim_loss"}`` and, when some item has a report, ``"mlm_loss"`` (weighted).
+
+        Args:
+            vit: The image trunk (timm ViT, see :func:`vit_tokens_and_attention`).
+            images: ``[B, C, H, W]`` preprocessed images.
+            prompt_embeddings: ``[K, D]`` disease-prompt embeddings in the shared space.
+            project: Maps ViT tokens ``[B, P, encoder_dim]`` into the shared space (the image
+                projection head applied token-wise).
+            text_states: ``[B, T, text_dim]`` token states of the entity-masked reports
+                (any values for image-only rows).
+            mlm_labels: ``[B, T]`` original ids at masked positions, -100 elsewhere.
+            text_padding_mask: ``[B, T]`` True at padding.
+            has_text: ``[B]`` True for items with a report (all True when ``None``).
+            generator: Randomness of the AttMIM subset.
+        """
+        cfg = self.cfg
+        tokens, attn, npre = vit_tokens_and_attention(vit, images)
+        with torch.no_grad():
+            maps = [
+                self_attention_scores(attn, npre),
+                prompt_attention_scores(project(tokens), prompt_embeddings),
+            ]
+        out: dict[str, Tensor] = {}
+        if text_states is not None:
+            has = (
+                torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+                if has_text is None
+                else has_text.bool()
+            )
+            logits, cross = self.text_decoder(
+                text_states, tokens, text_padding_mask, return_attention=True
+            )
+            valid = None if text_padding_mask is None else ~text_padding_mask
+            cmap = cross_attention_scores(cross.detach(), valid)
+            maps.append(cmap.masked_fill(~has.unsqueeze(1), float("nan")))
+            if bool(has.any()) and mlm_labels is not None:
+                out["mlm_loss"] = cfg.mlm_weight * masked_token_ce(logits[has], mlm_labels[has])
+        mask, _ = attmim_mask(maps, cfg.lambda1, cfg.lambda2, generator)
+        masked = apply_patch_mask(images, mask, cfg.patch_size)
+        model = getattr(vit, "model", vit)
+        masked_tokens = model.forward_features(masked)[:, npre:]
+        pred = self.image_decoder(masked_tokens, mask)
+        target = patchify(images, cfg.patch_size)
+        out["mim_loss"] = cfg.mim_weight * masked_patch_mse(pred, target, mask, cfg.norm_pix)
+        return out

@@ -72,7 +72,7 @@ def fewshot_curves(report: dict, path: Path) -> bool:
         ax.set_xticks(sorted({v["shots"] for s in metrics
                               for v in metrics[s].get(m, {}).get("fewshot", {}).values()}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.set_ylim(0, 1)
+        ax.set_ylim(-0.02, 1.04)
         ax.set_title(SPECS[m].title)
         ax.set_xlabel("shots per class (K)")
         ax.set_ylabel("test accuracy")
@@ -82,8 +82,9 @@ def fewshot_curves(report: dict, path: Path) -> bool:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8,
                bbox_to_anchor=(0.5, 0.0))
-    fig.suptitle(f"Few-shot linear probes, mean ± std over support sets{_suffix(report)}")
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    fig.suptitle(f"Few-shot linear probes (band: ± 1 std over support sets; dashed: zero-shot)"
+                 f"{_suffix(report)}")
+    fig.tight_layout(rect=(0, 0.07 + 0.05 / rows, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -174,20 +175,22 @@ def cross_modal_plot(report: dict, path: Path) -> bool:
         for i, a in enumerate(mods):
             for j, b in enumerate(mods):
                 cm = metrics[stage].get(f"{a}->{b}", {}).get("cross_modal")
-                if cm and cm.get("precision@10") is not None:
-                    grid[i, j] = cm["precision@10"] - cm["chance"]
-        im = ax.imshow(grid, cmap="RdBu_r", vmin=-0.5, vmax=0.5)
+                head = (cm or {}).get("headline", "precision@10")
+                if cm and cm.get(head) is not None:
+                    grid[i, j] = 100 * (cm[head] - cm["chance"])
+        im = ax.imshow(grid, cmap="RdBu_r", vmin=-50, vmax=50)
         for i in range(len(mods)):
             for j in range(len(mods)):
                 if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{100 * grid[i, j]:+.0f}", ha="center", va="center", fontsize=8)
+                    ax.text(j, i, f"{grid[i, j]:+.0f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(mods)), mods, fontsize=8)
         ax.set_yticks(range(len(mods)), mods, fontsize=8)
         ax.set_xlabel("gallery modality")
-        ax.set_ylabel("query modality")
         ax.set_title(stage)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="precision@10 − chance")
-    fig.suptitle(f"Cross-modal class-level retrieval, points above chance{_suffix(report)}")
+    axes.flat[0].set_ylabel("query modality")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8,
+                 label="class-level precision@10 minus chance (% points)")
+    fig.suptitle(f"Cross-modal retrieval between linked patients{_suffix(report)}")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True

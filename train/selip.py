@@ -24,8 +24,9 @@ import json
 import logging
 import math
 import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -69,12 +70,17 @@ class Clause:
 
     def tokens(self) -> frozenset[str]:
         """Lower-case word tokens of all four fields (the set TDC compares)."""
-        return frozenset(_WORD.findall(" ".join((self.modality, self.orientation, self.site,
-                                                 self.appearance)).lower()))
+        return frozenset(
+            _WORD.findall(
+                " ".join((self.modality, self.orientation, self.site, self.appearance)).lower()
+            )
+        )
 
-    def normalized(self) -> "Clause":
+    def normalized(self) -> Clause:
         """The clause with every field lower-cased, punctuation dropped and whitespace collapsed."""
-        return Clause(_norm(self.modality), _norm(self.orientation), _norm(self.site), _norm(self.appearance))
+        return Clause(
+            _norm(self.modality), _norm(self.orientation), _norm(self.site), _norm(self.appearance)
+        )
 
 
 class ClauseExtractor(Protocol):
@@ -89,8 +95,20 @@ class ClauseExtractor(Protocol):
 EXTRACTORS: Registry[Callable[..., ClauseExtractor]] = Registry("clause extractor")
 
 #: MRI sequence names the rule-based extractor recognises.
-SEQUENCES: tuple[str, ...] = ("T1", "T1C", "T1CE", "T1-weighted", "T2", "T2-weighted", "FLAIR", "DWI", "ADC",
-                              "SWI", "GRE", "T2*")
+SEQUENCES: tuple[str, ...] = (
+    "T1",
+    "T1C",
+    "T1CE",
+    "T1-weighted",
+    "T2",
+    "T2-weighted",
+    "FLAIR",
+    "DWI",
+    "ADC",
+    "SWI",
+    "GRE",
+    "T2*",
+)
 SIDES: tuple[str, ...] = ("left", "right", "bilateral")
 
 
@@ -116,9 +134,17 @@ class RuleBasedExtractor:
         side = "|".join(re.escape(s) for s in sides)
         opt_side = rf"(?:(?P<side>{side})\s+)?"
         self._patterns = (
-            re.compile(rf"^(?P<seq>{seq})\s*:\s*{opt_side}(?P<site>.+?)\s+shows\s+(?P<app>.+)$", re.I),
-            re.compile(rf"^on\s+(?P<seq>{seq})\s*,\s*(?P<app>.+)\s+in\s+the\s+{opt_side}(?P<site>.+)$", re.I),
-            re.compile(rf"^(?P<seq>{seq})\s+{opt_side}(?P<site>[^:]+?)\s*:\s*(?P<app>.+)$", re.I),
+            re.compile(
+                rf"^(?P<seq>{seq})\s*:\s*{opt_side}(?P<site>.+?)\s+shows\s+(?P<app>.+)$",
+                re.IGNORECASE,
+            ),
+            re.compile(
+                rf"^on\s+(?P<seq>{seq})\s*,\s*(?P<app>.+)\s+in\s+the\s+{opt_side}(?P<site>.+)$",
+                re.IGNORECASE,
+            ),
+            re.compile(
+                rf"^(?P<seq>{seq})\s+{opt_side}(?P<site>[^:]+?)\s*:\s*(?P<app>.+)$", re.IGNORECASE
+            ),
         )
 
     def extract(self, report: str) -> list[Clause]:
@@ -129,8 +155,14 @@ class RuleBasedExtractor:
             for pat in self._patterns:
                 m = pat.match(sentence)
                 if m:
-                    out.append(Clause(m["seq"].upper(), (m["side"] or "").lower(), m["site"].strip().lower(),
-                                      m["app"].strip().lower()))
+                    out.append(
+                        Clause(
+                            m["seq"].upper(),
+                            (m["side"] or "").lower(),
+                            m["site"].strip().lower(),
+                            m["app"].strip().lower(),
+                        )
+                    )
                     break
         return out
 
@@ -173,7 +205,7 @@ class LLMExtractor:
         if start < 0 or end < start:
             raise ClauseParseError("LLM answer holds no JSON list")
         try:
-            items = json.loads(answer[start:end + 1])
+            items = json.loads(answer[start : end + 1])
         except json.JSONDecodeError as e:
             raise ClauseParseError(f"LLM answer is not valid JSON: {e.msg}") from None
         out = []
@@ -199,17 +231,29 @@ class SeLIPConfig:
 
     alpha: float = field(default=1.0, metadata={"help": "α, weight of the hard-target CLIP loss"})
     beta: float = field(default=1.0, metadata={"help": "β, weight of the soft-target KL loss L_se"})
-    extractor: str = field(default="rule", metadata={
-        "help": "clause extractor name in train.selip.EXTRACTORS (rule; llm needs a callable, Python API only)"})
-    distinct_texts: bool = field(default=True, metadata={"help": "batches never hold the same report twice"})
-    modalities: list[str] = field(default_factory=lambda: ["mri"], metadata={
-        "help": "modalities whose reports are structured into clauses (others keep hard targets)"})
+    extractor: str = field(
+        default="rule",
+        metadata={
+            "help": "clause extractor name in train.selip.EXTRACTORS (rule; llm needs a callable, Python API only)"
+        },
+    )
+    distinct_texts: bool = field(
+        default=True, metadata={"help": "batches never hold the same report twice"}
+    )
+    modalities: list[str] = field(
+        default_factory=lambda: ["mri"],
+        metadata={
+            "help": "modalities whose reports are structured into clauses (others keep hard targets)"
+        },
+    )
 
     def __post_init__(self):
         if self.alpha < 0 or self.beta < 0 or (self.alpha == 0 and self.beta == 0):
             raise ValueError("selip: alpha and beta must be >= 0 and not both 0")
         if self.extractor not in EXTRACTORS:
-            raise ValueError(f"selip.extractor must be one of {EXTRACTORS.names()}, got {self.extractor!r}")
+            raise ValueError(
+                f"selip.extractor must be one of {EXTRACTORS.names()}, got {self.extractor!r}"
+            )
 
 
 # =========================================================================== similarity
@@ -227,7 +271,7 @@ def clause_similarity(a: Clause, b: Clause) -> float:
 
     ``w_loc`` = 1 when the clauses name the same site, ``w_per`` = 1 when they describe the
     same appearance (after normalisation), 0 otherwise; so the similarity is in [0, 1] and is 1
-    for a clause with itself.
+    for a clause with itself. The side (orientation) and sequence enter through the tokens of TDC.
     """
     an, bn = a.normalized(), b.normalized()
     w_loc = float(an.site == bn.site)
@@ -242,7 +286,9 @@ def report_similarity(a: Sequence[Clause], b: Sequence[Clause]) -> float:
     return sum(clause_similarity(x, y) for x in a for y in b) / (len(a) * len(b))
 
 
-def similarity_matrix(reports: Sequence[Sequence[Clause]], texts: Sequence[str] | None = None) -> torch.Tensor:
+def similarity_matrix(
+    reports: Sequence[Sequence[Clause]], texts: Sequence[str] | None = None
+) -> torch.Tensor:
     """SeLIP's report similarity ``S`` ``[N, N]`` for a batch, the ``similarity`` of ``selip_loss``.
 
     A report without clauses falls back to a hard target: similarity 1 with itself (and with
@@ -267,6 +313,28 @@ def similarity_matrix(reports: Sequence[Sequence[Clause]], texts: Sequence[str] 
     return s
 
 
+class ReportSimilarity:
+    """Builds ``S`` for batches of report texts, extracting each distinct text's clauses once.
+
+    Args:
+        extractor: The clause extractor (:func:`build_extractor`).
+    """
+
+    def __init__(self, extractor: ClauseExtractor):
+        self.extractor = extractor
+        self._cache: dict[str, list[Clause]] = {}
+
+    def clauses(self, text: str) -> list[Clause]:
+        """The (cached) clauses of ``text``."""
+        if text not in self._cache:
+            self._cache[text] = list(self.extractor.extract(text))
+        return self._cache[text]
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        """``S`` ``[N, N]`` for the batch ``texts`` (:func:`similarity_matrix`)."""
+        return similarity_matrix([self.clauses(t) for t in texts], texts)
+
+
 # =========================================================================== distinct-text sampler
 
 
@@ -287,8 +355,13 @@ class DistinctTextBatchSampler(Sampler[list[int]]):
         drop_last: Drop batches smaller than ``batch_size``.
     """
 
-    def __init__(self, texts: Sequence[str], batch_size: int, generator: torch.Generator | None = None,
-                 drop_last: bool = False):
+    def __init__(
+        self,
+        texts: Sequence[str],
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.keys = [" ".join(str(t).lower().split()) for t in texts]
@@ -300,7 +373,9 @@ class DistinctTextBatchSampler(Sampler[list[int]]):
             groups.setdefault(k, []).append(i)
         self._groups = list(groups.values())
         n = len(self.keys)
-        self.num_batches = max(math.ceil(n / batch_size), max((len(g) for g in self._groups), default=0))
+        self.num_batches = max(
+            math.ceil(n / batch_size), max((len(g) for g in self._groups), default=0)
+        )
 
     def _randperm(self, n: int) -> list[int]:
         return torch.randperm(n, generator=self.generator).tolist()
@@ -326,7 +401,11 @@ class DistinctTextBatchSampler(Sampler[list[int]]):
         if not self.drop_last:
             return min(self.num_batches, len(self.keys))
         n = len(self.keys)
-        return sum(1 for b in range(self.num_batches) if len(range(b, n, self.num_batches)) == self.batch_size)
+        return sum(
+            1
+            for b in range(self.num_batches)
+            if len(range(b, n, self.num_batches)) == self.batch_size
+        )
 
 
 # =========================================================================== retrieval evaluation
@@ -346,8 +425,12 @@ def distinct_texts(texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
     return uniq, where
 
 
-def retrieval_topk(image_emb: np.ndarray, text_emb: np.ndarray, gt: Sequence[int],
-                   ks: Sequence[int] = (1, 2, 5, 10)) -> dict[str, float]:
+def retrieval_topk(
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    gt: Sequence[int],
+    ks: Sequence[int] = (1, 2, 5, 10),
+) -> dict[str, float]:
     """SeLIP retrieval: every image against all distinct texts; Top-k = share whose own text ranks ≤ k.
 
     The rank of the true text is 1 + the number of texts scoring strictly higher (cosine).

@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("path", help="file or folder")
     p.add_argument("--preview", metavar="OUT.png", default=None, help="write a clinician-readable rendering")
     p.add_argument("--window", default=None,
-                   help="CT/MRI window preset (lung, mediastinum, bone, brain) or CENTRE/WIDTH")
+                   help="CT/MRI window preset (lung, mediastinum, bone, brain) or CENTRE/WIDTH (write --window=-600/1500)")
     p.add_argument("--slice", type=int, default=None, help="slice index of a volume preview (default middle)")
     p.add_argument("--series", default=None, help="SeriesInstanceUID to read from a folder of several series")
     p.add_argument("--keep-phi", action="store_true", help="include patient identifiers in meta (DICOM)")

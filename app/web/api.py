@@ -9,6 +9,7 @@ first) and ``/search(query_file, query_text, target_modality, k)`` returns
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -51,6 +52,7 @@ def search_json(services: Services, query_file: Any, query_text: str, target_mod
 
 
 def _guard(fn):
+    @functools.wraps(fn)
     def wrapper(*args):
         try:
             return fn(*args)
@@ -63,7 +65,6 @@ def _guard(fn):
             raise gr.Error(f"{type(e).__name__}: {' '.join(str(e).split())}"[:300],
                            print_exception=False) from None
 
-    wrapper.__name__ = fn.__name__
     return wrapper
 
 
@@ -81,7 +82,14 @@ def add_endpoints(services: Services) -> None:
         q_out = gr.JSON(label="search")
         q_btn = gr.Button("search")
 
-    z_btn.click(_guard(lambda f, lab: zeroshot_json(services, f, lab)), [z_file, z_labels], z_out,
-                api_name="zeroshot")
-    q_btn.click(_guard(lambda f, t, m, k: search_json(services, f, t, m, k)),
-                [q_file, q_text, q_target, q_k], q_out, api_name="search")
+    # the client names the parameters after these functions' arguments
+    def zeroshot(file, labels):
+        """Zero-shot labels of one file; ``labels`` comma-separated (empty: the modality's defaults)."""
+        return zeroshot_json(services, file, labels)
+
+    def search(query_file, query_text, target_modality, k):
+        """Archive items of ``target_modality`` nearest to a file or a text (one of them empty)."""
+        return search_json(services, query_file, query_text, target_modality, k)
+
+    z_btn.click(_guard(zeroshot), [z_file, z_labels], z_out, api_name="zeroshot")
+    q_btn.click(_guard(search), [q_file, q_text, q_target, q_k], q_out, api_name="search")

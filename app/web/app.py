@@ -8,9 +8,11 @@ through :class:`app.web.state.Services` and :mod:`app.web.views`. Every callback
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,10 @@ AUTO = "auto"
 CSS = """
 #notice {border-left: 4px solid #d97706; padding-left: 8px;}
 #viewer img {background: #000;}
+#meta table {width: 100%; border-collapse: collapse; font-size: 0.85em;}
+#meta td {padding: 3px 6px; border-bottom: 1px solid #e5e7eb; vertical-align: top;
+          overflow-wrap: anywhere;}
+#meta td:first-child {color: #555; white-space: nowrap; width: 38%;}
 .m3b-small {font-size: 0.9em; color: #555;}
 """
 MODALITY_CHOICES = [(f"{SPECS[m].title} ({m})", m) for m in MODALITIES]
@@ -84,6 +90,7 @@ def build_app(services: Services) -> gr.Blocks:
         sample_state = gr.State(None, time_to_live=3600)  # the Sample open in Explore
         hits_state = gr.State([])  # last search results (JSON dicts)
         picked_state = gr.State(None)  # path picked in Search / Archive to open in Explore
+        path_state = gr.State(None)  # path of the item open in Explore (reopened on a modality change)
 
         gr.Markdown("## m3bind — multimodal study explorer\n"
                     "<span class='m3b-small'>Research software. Scores come from an embedding "
@@ -104,21 +111,20 @@ def build_app(services: Services) -> gr.Blocks:
                                                   info="for PNG/JPEG/TIFF, which carry none")
                         archive_pick = gr.Dropdown([], label="…or open an item of the archive",
                                                    allow_custom_value=False, elem_id="archive-pick")
-                        meta = gr.Dataframe(headers=["field", "value"], datatype=["str", "str"],
-                                            label="Key metadata", interactive=False,
-                                            wrap=True, elem_id="meta", max_height=420)
+                        gr.Markdown("**Key metadata**")
+                        meta = gr.HTML("", elem_id="meta")
                     with gr.Column(scale=3):
                         item_md = gr.Markdown("Upload a file or pick one from the archive.",
                                               elem_id="item")
-                        viewer = gr.Image(label="Viewer", interactive=False, type="numpy",
-                                          height=560, elem_id="viewer")
+                        viewer = gr.Image(label="Viewer", show_label=False, interactive=False,
+                                          type="numpy", height=600, elem_id="viewer")
                         with gr.Row():
                             centre = gr.Slider(0, 1, value=0.5, label="Window centre (level)",
                                                visible=False, elem_id="wl-centre")
                             width = gr.Slider(0, 1, value=1, label="Window width",
                                               visible=False, elem_id="wl-width")
                         with gr.Row():
-                            slice_sl = gr.Slider(0, 1, value=0, step=1, label="Slice",
+                            slice_sl = gr.Slider(1, 2, value=1, step=1, label="Slice",
                                                  visible=False, elem_id="slice")
                             preset = gr.Radio(list(views.WINDOW_PRESETS), value=views.AUTO_WINDOW,
                                               label="Window preset", visible=False,
@@ -204,27 +210,27 @@ def build_app(services: Services) -> gr.Blocks:
         api.add_endpoints(services)
 
         # =============================================================== callbacks
-        explore_outputs = [sample_state, item_md, viewer, centre, width, slice_sl, preset,
-                           tiles, meta, zs_item, zs_labels, zs_templates, s_item]
+        explore_outputs = [path_state, sample_state, item_md, viewer, centre, width, slice_sl,
+                           preset, tiles, meta, zs_item, zs_labels, zs_templates, s_item]
 
-        def _explore_updates(sample) -> tuple:
+        def _explore_updates(path, sample) -> tuple:
             c = views.controls_for(sample)
             image = views.render(sample, centre=c.centre if c.window_level else None,
                                  width=c.width if c.window_level else None,
                                  slice_index=c.slice if c.slices else None, preset=c.preset)
-            step = (c.hi - c.lo) / 500
+            step = float(f"{(c.hi - c.lo) / 500:.1g}")
             spec = get_spec(sample.modality) if sample.modality else None
             described = _describe(sample)
             return (
-                sample, described, image,
+                str(path), sample, described, image,
                 gr.update(visible=c.window_level, minimum=c.lo, maximum=c.hi, value=c.centre, step=step),
-                gr.update(visible=c.window_level, minimum=step, maximum=c.hi - c.lo, value=c.width,
-                          step=step),
-                gr.update(visible=c.slices > 1, minimum=0, maximum=max(c.slices - 1, 1),
-                          value=c.slice, label=f"Slice (of {c.slices})"),
-                gr.update(visible=bool(c.slices), value=c.preset),
+                gr.update(visible=c.window_level, minimum=step, maximum=2 * (c.hi - c.lo),
+                          value=c.width, step=step),
+                gr.update(visible=c.slices > 1, minimum=1, maximum=max(c.slices, 2),
+                          value=c.slice + 1, label=f"Slice (1-{c.slices})"),
+                gr.update(visible=bool(c.presets), choices=list(c.presets), value=c.preset),
                 gr.update(visible=c.tiles, value=views.tile_gallery(sample) if c.tiles else None),
-                views.metadata_rows(sample),
+                views.metadata_html(sample),
                 f"Current item: {described}",
                 ", ".join(spec.labels) if spec else "",
                 "\n".join(spec.templates) if spec else "",
@@ -238,23 +244,25 @@ def build_app(services: Services) -> gr.Blocks:
                 return (gr.update(),) * len(explore_outputs)
             path = services.assemble(paths)
             sample = services.load(path, None if modality == AUTO else modality)
-            return _explore_updates(sample)
+            return _explore_updates(path, sample)
 
         @guarded
         def open_path(path, modality=AUTO):
             if not path:
                 return (gr.update(),) * len(explore_outputs)
             sample = services.load(path, None if modality in (None, AUTO) else modality)
-            return _explore_updates(sample)
+            return _explore_updates(path, sample)
 
         @guarded
         def redraw(sample, c, w, s, p):
             if sample is None:
                 return gr.update()
-            return views.render(sample, centre=c, width=w, slice_index=s, preset=p)
+            return views.render(sample, centre=c, width=w, slice_index=int(s) - 1, preset=p)
 
-        upload.upload(open_upload, [upload, modality_in], explore_outputs)
-        modality_in.change(open_upload, [upload, modality_in], explore_outputs)
+        # each upload opens what was just sent (the box is emptied after, so files never pile up)
+        upload.upload(open_upload, [upload, modality_in], explore_outputs).then(
+            lambda: None, None, upload, show_progress="hidden")
+        modality_in.input(open_path, [path_state, modality_in], explore_outputs)
         archive_pick.input(open_path, [archive_pick, modality_in], explore_outputs)
         view_inputs = [sample_state, centre, width, slice_sl, preset]
         for ctl in (centre, width, slice_sl):
@@ -424,6 +432,7 @@ def launch(services: Services, *, host: str = "127.0.0.1", port: int = 7860,
            block: bool = True, quiet: bool = False):
     """Build and start the app; returns ``(demo, url)`` (with ``block=False``)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    services.model_notice()  # load the model now, not on the first page view
     demo = build_app(services)
     demo.queue(default_concurrency_limit=2)
     # The archive is read through the path check of Services only, never served as raw files.
@@ -432,10 +441,44 @@ def launch(services: Services, *, host: str = "127.0.0.1", port: int = 7860,
         up = Path(gr.utils.get_upload_folder()).resolve()
         if services.archive_root != up and services.archive_root not in up.parents:
             blocked = [str(services.archive_root)]
-    _, url, _ = demo.launch(
-        server_name=host, server_port=port, auth=auth, share=False, inbrowser=False,
-        max_file_size=f"{max_upload_mb:g}mb", blocked_paths=blocked, run_history=False, prevent_thread_lock=not block,
-        show_error=True, quiet=quiet, css=CSS, ssr_mode=False, mcp_server=False,
-        footer_links=["api"],
-    )
+    with _patient_localhost_check():
+        _, url, _ = demo.launch(
+            server_name=host, server_port=port, auth=auth, share=False, inbrowser=False,
+            max_file_size=f"{max_upload_mb:g}mb", blocked_paths=blocked, run_history=False,
+            prevent_thread_lock=not block, show_error=True, quiet=quiet, css=CSS, ssr_mode=False,
+            mcp_server=False, footer_links=["api"],
+        )
     return demo, url
+
+
+@contextlib.contextmanager
+def _patient_localhost_check():
+    """Give Gradio's start-up probe of the local URL more time.
+
+    ``launch`` checks that the server answers within 3 s and otherwise refuses to start unless
+    ``share=True`` (a public tunnel, which we never want). On a busy machine the first answer
+    can take longer, so the probe is retried with a longer timeout.
+    """
+    from gradio import networking
+
+    original = networking.url_ok
+
+    def url_ok(url: str) -> bool:
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.head(url, timeout=10, verify=False)
+                if r.status_code in (200, 401, 301, 302, 303, 307, 308):
+                    return True
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        return False
+
+    networking.url_ok = url_ok
+    try:
+        yield
+    finally:
+        networking.url_ok = original

@@ -45,3 +45,24 @@ def start_server(services, port: int | None = None):
     from app.web.app import launch
 
     return launch(services, host="127.0.0.1", port=port or free_port(), block=False, quiet=True)
+
+
+def tiny_model_dir(base: str | Path) -> Path:
+    """The tiny random model (:func:`m3bind.testing.build_tiny_model`) in ``base``, built once."""
+    from m3bind.testing import build_tiny_model
+
+    path = Path(base) / "app_tiny_model"
+    if not (path / "config.json").is_file():
+        build_tiny_model(path)
+    return path
+
+
+def synthetic_cxr(dest: str | Path) -> Path:
+    """A DICOM chest radiograph of the simulated cohort (when pydicom-data is not installed)."""
+    from data_registry.synthetic import generate, read_manifest
+
+    dest = Path(dest)
+    generate(dest, 6, 0, size="small")
+    rows = read_manifest(dest)
+    rows = rows.to_dict("records") if hasattr(rows, "to_dict") else rows
+    return dest / next(r["path"] for r in rows if r["modality"] == "cxr")

@@ -36,6 +36,8 @@ class ViewControls:
         lo, hi: Range of the centre slider; the width slider runs up to ``hi - lo``.
         slices: Number of slices of a volume (0 for none); ``slice`` the initial one.
         preset: Initial window preset of a volume, or ``None``.
+        presets: Window presets offered (CT: HU presets; MRI: none — its intensities have no
+            fixed scale, the renderer windows each sequence on its own percentiles).
         sequences: Sequence names of a multi-channel MRI (all shown side by side), else empty.
         tiles: Whether the sample carries slide tiles.
     """
@@ -48,6 +50,7 @@ class ViewControls:
     slices: int = 0
     slice: int = 0
     preset: str | None = None
+    presets: tuple[str, ...] = ()
     sequences: tuple[str, ...] = ()
     tiles: bool = False
 
@@ -62,6 +65,7 @@ def controls_for(sample) -> ViewControls:
         c.slices = int(arr.shape[-3])
         c.slice = c.slices // 2
         c.preset = AUTO_WINDOW
+        c.presets = WINDOW_PRESETS if m != "mri" else ()
         if arr.ndim == 4:  # the renderer shows every sequence side by side
             c.sequences = tuple(sample.channel_names or [f"channel {i}" for i in range(arr.shape[0])])
     elif arr.ndim == 2 and kind == IMAGE2D:
@@ -69,6 +73,7 @@ def controls_for(sample) -> ViewControls:
         lo, hi = (float(np.min(finite)), float(np.max(finite))) if finite.size else (0.0, 1.0)
         if hi <= lo:
             hi = lo + 1.0
+        lo, hi = _nice(lo, hi)
         c.window_level, c.lo, c.hi = True, lo, hi
         if sample.window:
             c.centre, c.width = float(sample.window[0]), float(sample.window[1])
@@ -76,10 +81,19 @@ def controls_for(sample) -> ViewControls:
             p1, p99 = np.percentile(finite, [1, 99]) if finite.size else (lo, hi)
             c.centre, c.width = float((p1 + p99) / 2), float(max(p99 - p1, 1e-6))
         c.centre = min(max(c.centre, lo), hi)
-        c.width = min(max(c.width, (hi - lo) / 1000), hi - lo)
+        c.width = min(max(c.width, (hi - lo) / 500), 2 * (hi - lo))
     if getattr(sample, "tiles", None) is not None and len(sample.tiles):
         c.tiles = True
     return c
+
+
+def _nice(lo: float, hi: float) -> tuple[float, float]:
+    """``lo``/``hi`` rounded outwards to 3 significant digits of the range (tidy slider ends)."""
+    import math
+
+    digits = 2 - math.floor(math.log10(hi - lo))
+    step = 10.0 ** -digits
+    return round(math.floor(lo / step) * step, max(digits, 0)), round(math.ceil(hi / step) * step, max(digits, 0))
 
 
 def render(sample, *, centre: float | None = None, width: float | None = None,
@@ -160,3 +174,12 @@ def metadata_rows(sample, *, max_rows: int = 60) -> list[list[str]]:
             text = f"{text[:4]}-{text[4:6]}-{text[6:]}"
         rows.append([str(k).replace("_", " "), text[:200]])
     return rows
+
+
+def metadata_html(sample) -> str:
+    """:func:`metadata_rows` as a two-column HTML table (values escaped)."""
+    import html
+
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>"
+                   for k, v in metadata_rows(sample))
+    return f"<table>{rows}</table>"

