@@ -35,8 +35,8 @@ def choose_kind(n: int, exact_max: int | None = None) -> str:
 
 
 def ivf_params(n: int) -> tuple[int, int]:
-    """``(nlist, nprobe)`` for ``n`` vectors: about 4·√n lists, probing 1/16 of them (≥ 16)."""
-    nlist = int(min(65536, max(16, 4 * math.sqrt(max(n, 1)))))
+    """``(nlist, nprobe)`` for ``n`` vectors: about 2·√n lists, probing 1/16 of them (≥ 16)."""
+    nlist = int(min(65536, max(16, 2 * math.sqrt(max(n, 1)))))
     nprobe = int(min(nlist, max(16, nlist // 16)))
     return nlist, nprobe
 
@@ -105,14 +105,14 @@ class VectorIndex:
         return index
 
     def train(self, vectors: np.ndarray, seed: int = 0) -> None:
-        """Train the IVF coarse quantiser (k-means) on ``vectors`` (a sample of at most 256·nlist)."""
+        """Train the IVF coarse quantiser (k-means) on ``vectors`` (a sample of at most 64·nlist)."""
         if self.kind != "ivf":
             return
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if self._index is None:
             self.dim = int(vectors.shape[1])
             self._index = self._new(self.dim)
-        cap = 256 * self._index.nlist
+        cap = 64 * self._index.nlist
         if len(vectors) > cap:
             pick = np.random.default_rng(seed).choice(len(vectors), cap, replace=False)
             vectors = vectors[np.sort(pick)]

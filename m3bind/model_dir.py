@@ -137,6 +137,21 @@ def _is_peft(module: torch.nn.Module) -> bool:
     return isinstance(module, PeftModel)
 
 
+def _without_lora(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` itself, or a copy with LoRA layers injected by peft merged into their base layers."""
+    if not any("lora_" in n for n, _ in module.named_parameters()):
+        return module
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    module = copy.deepcopy(module)
+    for name, sub in list(module.named_modules()):
+        if isinstance(sub, BaseTunerLayer):
+            sub.merge()
+            parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+            setattr(parent, name.rsplit(".", 1)[-1], sub.get_base_layer())
+    return module
+
+
 def _save_text(key: str, enc: torch.nn.Module, cfg, root: Path, merge_lora: bool) -> tuple[Any, str | None]:
     """Save one text encoder; returns its config as stored and its LoRA mode."""
     from m3bind.encoders import TextEncoderConfig
@@ -180,7 +195,7 @@ def save_bound_model(model: "BoundModel", path: Path, provenance: dict[str, Any]
     try:
         cfg = copy.deepcopy(model.config)
         for m, enc in model.image_encoders.items():
-            _save_tensors(enc.state_dict(), tmp / f"image_{m}.safetensors")
+            _save_tensors(_without_lora(enc).state_dict(), tmp / f"image_{m}.safetensors")
             cfg.image[m].weights = None  # the weights now live in the directory
         lora = {}
         for key, enc in model.text_encoders.items():

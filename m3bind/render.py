@@ -262,7 +262,8 @@ def render_ecg(sample: Sample, speed: float = 25.0, gain: float = 10.0, rhythm_l
             i0, i1 = int(round(t0 * fs)), min(int(round(t1 * fs)), v.shape[0])
             if i1 > i0:
                 t = np.arange(i0, i1) / fs - t0
-                y = np.clip(v[i0:i1], -pitch / gain, pitch / gain)
+                # traces may overlap the neighbouring rows as on paper; only absurd values are clipped
+                y = np.clip(v[i0:i1], -2 * pitch / gain, 2 * pitch / gain)
                 ax.plot(x0 + t * speed, y0 + y * gain, color="black", lw=0.7, zorder=2)
         else:
             label += " (missing)"
@@ -284,7 +285,7 @@ def render_ecg(sample: Sample, speed: float = 25.0, gain: float = 10.0, rhythm_l
     fig.canvas.draw()
     img = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     missing = [n for n, m in zip(names, mask) if not m]
-    lines = [f"12-lead ECG, {len(names) - len(missing)} leads recorded" + (f", missing: {', '.join(missing)}" if missing else "")]
+    lines = [f"{len(names) - len(missing)} of {len(names)} leads recorded" + (f", missing: {', '.join(missing)}" if missing else "")]
     return img, lines
 
 

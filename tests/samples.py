@@ -46,6 +46,9 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "enhanced_mr_rle": ("data_store", "data/emri_small_RLE.dcm"),
     "jpeg_lossless": ("data_store", "data/JPGLosslessP14SV1_1s_1f_8b.dcm"),
     "jpeg_ll_16": ("data_store", "data/JPEG-LL.dcm"),
+    "voi_lut": ("data_store", "data/vlut_04.dcm"),
+    "modality_lut": ("data_store", "data/mlut_18.dcm"),
+    "rgb_2frame": ("data_store", "data/SC_rgb_2frame.dcm"),
     # other packages
     "retina": ("skimage", "data/retina.jpg"),
     "grey_png": ("skimage", "data/camera.png"),

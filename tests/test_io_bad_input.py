@@ -170,3 +170,38 @@ def test_format_cannot_hold_modality(sample_file):
 
 def test_errors_are_m3bind_errors():
     assert issubclass(CorruptFile, M3BindError) and issubclass(TooLarge, M3BindError)
+
+
+def test_mutated_files_never_escape_as_other_exceptions(tmp_path, sample_file):
+    """Random truncations and byte flips of valid files: a Sample or an M3BindError, nothing else."""
+    import time
+
+    import wfdb
+
+    rng = np.random.default_rng(0)
+    png = tmp_path / "src.png"
+    Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(png)
+    nii = tmp_path / "src.nii.gz"
+    nib.save(nib.Nifti1Image(rng.random((8, 8, 8)).astype(np.float32), np.eye(4)), str(nii))
+    wfdb.wrsamp("src", fs=500, units=["mV"] * 2, sig_name=["I", "II"], p_signal=rng.random((500, 2)),
+                fmt=["16"] * 2, adc_gain=[200.0] * 2, baseline=[0] * 2, write_dir=str(tmp_path))
+    sources = [sample_file("ct_dicom"), sample_file("ecg_dicom"), png, nii, tmp_path / "src.hea"]
+    for k, src in enumerate(sources):
+        data = bytearray(src.read_bytes())
+        for trial in range(12):
+            mutated = bytearray(data)
+            if trial % 3 == 0:
+                mutated = mutated[: int(rng.integers(1, len(mutated)))]
+            else:
+                for pos in rng.integers(0, len(mutated), size=int(rng.integers(1, 20))):
+                    mutated[pos] = int(rng.integers(0, 256))
+            target = tmp_path / f"m{k}_{trial}{''.join(src.suffixes)}"
+            target.write_bytes(bytes(mutated))
+            if src.suffix == ".hea":
+                (tmp_path / f"m{k}_{trial}.dat").write_bytes((tmp_path / "src.dat").read_bytes())
+            t0 = time.perf_counter()
+            try:
+                load(target)
+            except M3BindError as e:
+                assert "\n" not in str(e)
+            assert time.perf_counter() - t0 < 10, target

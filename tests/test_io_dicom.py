@@ -108,6 +108,44 @@ def test_cxr_jpeg2000_lossless_matches(sample_file):
     np.testing.assert_array_equal(load(sample_file("cxr_j2k")).array, load(sample_file("cxr_dicom")).array)
 
 
+def test_voi_lut_sequence_applied(sample_file):
+    from pydicom.pixels import apply_voi_lut
+
+    path = sample_file("voi_lut")
+    s = load(path, "cxr")
+    ds = pydicom.dcmread(path)
+    bits = ds.VOILUTSequence[0].LUTDescriptor[2]
+    lut = np.asarray(ds.VOILUTSequence[0].LUTData, np.float64)
+    first = ds.VOILUTSequence[0].LUTDescriptor[1]
+    expected = lut[np.clip(ds.pixel_array.astype(int) - first, 0, len(lut) - 1)] / (2**bits - 1)
+    np.testing.assert_allclose(s.array, expected, atol=1e-6)
+    np.testing.assert_allclose(s.array, apply_voi_lut(ds.pixel_array, ds) / (2**bits - 1), atol=1e-6)
+    assert s.meta["voi"] == "VOI LUT"
+
+
+def test_modality_lut_sequence_applied(sample_file):
+    from pydicom.pixels import apply_modality_lut
+
+    path = sample_file("modality_lut")
+    s = load(path, "ct")
+    ds = pydicom.dcmread(path)
+    assert "ModalityLUTSequence" in ds
+    np.testing.assert_array_equal(s.array[0], apply_modality_lut(ds.pixel_array, ds).astype(np.float32))
+
+
+def test_op_and_sm_modalities(sample_file, tmp_path):
+    ds = pydicom.dcmread(sample_file("rgb_2frame"))
+    ds.Modality = "OP"
+    ds.save_as(tmp_path / "op.dcm")
+    s = load(tmp_path / "op.dcm")
+    assert (s.modality, s.array.shape, s.array.dtype) == ("retina", (100, 100, 3), np.uint8)
+    ds.Modality = "SM"
+    ds.save_as(tmp_path / "sm.dcm")
+    s = load(tmp_path / "sm.dcm")
+    assert s.modality == "pathology" and s.tiles.shape == (2, 100, 100, 3)
+    np.testing.assert_array_equal(s.tiles, ds.pixel_array)
+
+
 def test_enhanced_ct_per_frame_groups(sample_file):
     path = sample_file("enhanced_ct")
     s = load(path)

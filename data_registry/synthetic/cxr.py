@@ -40,9 +40,9 @@ def render_cxr(findings: dict, attrs: dict, rng: np.random.Generator, size: int 
     ss = 2 if size < 128 else 1  # supersample tiny images for smooth edges
     n = size * ss
     # positioning: rotation, shift, scale
-    ang = np.deg2rad(rng.normal(0, 3 * noise))
-    scale = rng.uniform(0.93, 1.05)
-    cx0, cy0 = rng.normal(0, 0.03 * noise, 2)
+    ang = np.deg2rad(rng.normal(0, 4 * noise))
+    scale = 1 + noise * rng.uniform(-0.14, 0.08)
+    cx0, cy0 = rng.normal(0, 0.07 * noise, 2)
     yy, xx = np.mgrid[-1:1:n * 1j, -1:1:n * 1j]
     xr = (np.cos(ang) * (xx - cx0) + np.sin(ang) * (yy - cy0)) / scale
     yr = (-np.sin(ang) * (xx - cx0) + np.cos(ang) * (yy - cy0)) / scale
@@ -54,7 +54,7 @@ def render_cxr(findings: dict, attrs: dict, rng: np.random.Generator, size: int 
     body = ((ax < 0.93 - 0.08 * np.clip(y - 0.4, 0, None)) & (y > shoulder)) | ((ax < 0.2) & (y <= -0.78))
     body = ndimage.gaussian_filter(body.astype(float), 1.5 * ss)
     dens = 0.40 * body
-    thorax_w = 0.74
+    thorax_w = 0.74 * (1 + noise * rng.uniform(-0.08, 0.06))  # habitus
     dome = lambda xc, base: base - 0.16 * np.clip(1 - ((x - xc) / 0.45) ** 2, 0, 1)  # noqa: E731
     diaph = np.where(x < 0, dome(-0.36, 0.58 + insp), dome(0.36, 0.63 + insp))  # right dome higher
     above = y < diaph
@@ -129,9 +129,9 @@ def render_cxr(findings: dict, attrs: dict, rng: np.random.Generator, size: int 
     dens = ndimage.gaussian_filter(dens, 0.6 * ss)
     if ss > 1:
         dens = dens.reshape(size, ss, size, ss).mean(axis=(1, 3))
-    gamma = rng.uniform(0.85, 1.2)
-    lo = rng.uniform(0.0, 0.06)
-    img = lo + (1 - lo) * np.clip(dens / 0.9, 0, 1) ** gamma
+    gamma = np.exp(noise * rng.uniform(-0.35, 0.35))  # exposure / processing
+    lo, hi = noise * rng.uniform(0.0, 0.12), 1 - noise * rng.uniform(0.0, 0.15)
+    img = lo + (hi - lo) * np.clip(dens / 0.9, 0, 1) ** gamma
     img = img + 0.015 * noise * rng.standard_normal(img.shape) + 0.02 * noise * _smooth_noise(rng, img.shape, size / 16)
     spacing = 430.0 / size  # 43 cm detector
     return np.clip(img, 0, 1).astype(np.float32), spacing

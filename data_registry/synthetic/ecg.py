@@ -99,14 +99,14 @@ def render_ecg(findings: dict, attrs: dict, rng: np.random.Generator, fs: float 
     mi = bool(findings.get("myocardial infarction"))
     hr = float(attrs.get("af_rate", 90) if af else attrs.get("hr", 70))
     rot = _rotation(rng, 12 * noise)
-    amp = rng.uniform(0.8, 1.25)  # body habitus
+    amp = np.exp(noise * rng.uniform(-0.45, 0.45))  # body habitus, electrode contact
     p_dir, q_dir = rot @ _unit([0.6, 0.7, 0.3]), rot @ _unit([-0.5, 0.1, 0.8])
     r_dir, s_dir = rot @ _unit([0.55, 0.75, -0.35]), rot @ _unit([-0.2, -0.4, -0.9])
     t_dir = rot @ _unit([0.6, 0.6, 0.45])
     r_amp, s_amp, t_amp, st_vec = 1.3, 0.45, 0.32, np.zeros(3)
     if lvh:
-        r_amp *= 1 + 1.0 * sig
-        s_amp *= 1 + 1.2 * sig
+        r_amp *= 1 + 0.8 * sig
+        s_amp *= 1 + 1.0 * sig
         r_dir = rot @ _unit([0.75, 0.3, -0.6])
         s_dir = rot @ _unit([-0.1, -0.3, -1.0])
         t_dir = -t_dir * (0.3 + 0.7 * sig) + t_dir * (1 - sig) * 0.3  # strain: T opposite the QRS

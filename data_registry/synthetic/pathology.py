@@ -19,9 +19,11 @@ _E = np.array([0.07, 0.99, 0.11])
 
 
 def _stains(h: np.ndarray, e: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
-    hv = _H / np.linalg.norm(_H) * (1 + rng.normal(0, 0.08 * noise, 3))
-    ev = _E / np.linalg.norm(_E) * (1 + rng.normal(0, 0.08 * noise, 3))
-    od = h[..., None] * hv * rng.uniform(0.8, 1.2) + e[..., None] * ev * rng.uniform(0.8, 1.2)
+    hv = _H / np.linalg.norm(_H) * (1 + rng.normal(0, 0.12 * noise, 3))
+    ev = _E / np.linalg.norm(_E) * (1 + rng.normal(0, 0.12 * noise, 3))
+    # stain batches differ a lot between labs: amount of each stain varies by up to ~2x
+    od = h[..., None] * hv * np.exp(noise * rng.uniform(-0.4, 0.4)) \
+        + e[..., None] * ev * np.exp(noise * rng.uniform(-0.4, 0.4))
     return (255 * np.exp(-od)).clip(0, 255).astype(np.uint8)
 
 

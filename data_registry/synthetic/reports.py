@@ -141,7 +141,8 @@ def cxr_report(findings: dict, attrs: dict, conditions: tuple[str, ...], rng: np
             f = dict(fmt, side=sides.get(k, "right"))
             if k == "lung mass":
                 f["zone"] = attrs.get("mass_zone", "upper")
-            lines.append(_cap(_pick(rng, _HEDGES) + _pick(rng, pos_d[k]).format(**f)))
+            hedge, phrase = _pick(rng, _HEDGES), _pick(rng, pos_d[k]).format(**f)
+            lines.append(_cap(hedge + (phrase[:1].lower() + phrase[1:] if hedge else phrase)))
         elif rng.random() < 0.6:
             lines.append(_pick(rng, neg_d[k]))
     if rng.random() < 0.15:

@@ -5,8 +5,8 @@ for chest radiographs (DX) and CT series (one file per slice, ``ImagePositionPat
 ``RescaleSlope/Intercept``); WFDB for ECGs (``wfdb.wrsamp``, 16-bit, mV, 12 standard leads,
 age/sex/patient in header comments); NIfTI for MRI (one file per sequence in a study
 folder, affine with the voxel spacing); PNG for fundus photographs; pyramidal tiled TIFF
-for slides (tifffile; full resolution first, reduced levels as SubIFDs, resolution tags in
-micrometres per pixel).
+for slides (tifffile; full resolution first, reduced levels as further tiled pages marked
+reduced-resolution, resolution tags in pixels per centimetre).
 """
 
 from __future__ import annotations
@@ -174,7 +174,9 @@ def write_png(path: Path, rgb: np.ndarray) -> Path:
 
 def write_pyramidal_tiff(path: Path, rgb: np.ndarray, *, mpp: float, tile: int = 64, levels: int = 2,
                          description: str = "") -> Path:
-    """Write an RGB slide as a tiled pyramidal TIFF: level 0 with ``levels`` SubIFD reductions by 2."""
+    """Write an RGB slide as a tiled pyramidal TIFF: full resolution first, then ``levels``
+    reductions by 2 as further reduced-resolution pages (``NewSubfileType=1``). OpenSlide's
+    generic-tiff reader takes the page chain as the pyramid; tifffile reads it too."""
     import tifffile
     from PIL import Image
 
@@ -183,8 +185,7 @@ def write_pyramidal_tiff(path: Path, rgb: np.ndarray, *, mpp: float, tile: int =
     res = (1e4 / mpp, 1e4 / mpp)  # pixels per centimetre
     with tifffile.TiffWriter(path, bigtiff=False) as tif:
         opts = dict(photometric="rgb", tile=(tile, tile), compression="zlib", resolutionunit="CENTIMETER")
-        tif.write(rgb, subifds=levels, resolution=res, description=description or None,
-                  metadata=None, **opts)
+        tif.write(rgb, resolution=res, description=description or None, metadata=None, **opts)
         for lv in range(1, levels + 1):
             f = 2 ** lv
             small = np.asarray(Image.fromarray(rgb).resize((max(w // f, 1), max(h // f, 1)), Image.BILINEAR))

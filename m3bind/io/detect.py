@@ -105,7 +105,7 @@ def nifti_sequence_files(folder: Path) -> dict[str, Path]:
             if name.endswith(suf) and name[: -len(suf)] in MRI_SEQUENCE_FILES:
                 found[name[: -len(suf)]] = p
                 break
-    return found
+    return {k: found[k] for k in MRI_SEQUENCE_FILES if k in found}  # conventional order
 
 
 def detect_file(path: Path) -> tuple[str, str | None]:

@@ -136,8 +136,12 @@ def _meta(ds, keep_phi: bool) -> dict[str, Any]:
 
 
 def _floats(v, n: int) -> list[float] | None:
+    """At least ``n`` floats from a (multi-valued) element value, else ``None``."""
+    if v is None:
+        return None
+    values = [v] if isinstance(v, (str, int, float)) else list(v)
     try:
-        out = [float(x) for x in (v if isinstance(v, (list, tuple)) or hasattr(v, "__iter__") and not isinstance(v, str) else [v])]
+        out = [float(x) for x in values]
     except (TypeError, ValueError):
         return None
     return out if len(out) >= n else None
@@ -187,12 +191,14 @@ def _display_grey(arr: np.ndarray, ds) -> tuple[np.ndarray, str]:
     """Modality LUT -> VOI (LUT, window or percentile) -> [0, 1], MONOCHROME1 inverted."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    x = apply_modality_lut(arr, ds).astype(np.float64)
+    m = apply_modality_lut(arr, ds)
+    x = m.astype(np.float64)
     win = _window(ds)
     if "VOILUTSequence" in ds:
-        y = apply_voi_lut(x, ds, prefer_lut=True).astype(np.float64)
-        lo, hi = float(y.min()), float(y.max())
-        y = (y - lo) / (hi - lo) if hi > lo else np.zeros_like(y)
+        xi = m if m.dtype.kind in "iu" else np.rint(m).astype(np.int64)  # LUTs index stored values
+        y = apply_voi_lut(xi, ds, prefer_lut=True).astype(np.float64)
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])  # the LUT's output range is 0 .. 2**bits - 1
+        y = np.clip(y / float(2**bits - 1), 0.0, 1.0)
         how = "VOI LUT"
     elif win is not None:
         c, w = win
@@ -366,12 +372,10 @@ def _image_sample(ds, path, modality: str, keep_phi: bool) -> Sample:
             meta["plane"] = plane
         return Sample(vol, modality, "dicom", str(path), spacing=spacing, window=win, meta=meta)
     if modality in (RETINA, PATHOLOGY):
-        rgb = _rgb_uint8(arr if frames == 1 else arr[0]) if spp == 3 or arr.ndim == 2 or frames == 1 \
-            else np.stack([_rgb_uint8(f) for f in arr])
+        rgb = _rgb_uint8(arr if frames == 1 else arr[0])
         tiles = None
-        if frames > 1:
+        if frames > 1:  # e.g. the tiles of a slide-microscopy frame matrix
             tiles = np.stack([_rgb_uint8(f) for f in arr[: LIMITS.max_tiles]])
-            rgb = tiles[0]
         return Sample(rgb, modality, "dicom", str(path), spacing=_pixel_spacing(ds), meta=meta, tiles=tiles)
     raise UnsupportedFormat(f"DICOM image cannot be read as {modality}", path)
 

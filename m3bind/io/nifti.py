@@ -78,6 +78,9 @@ def read_nifti(path: str | os.PathLike, modality: str | None = None) -> Sample:
     path = Path(path)
     img, data, zooms = _load_canonical(path)
     arr = _to_zyx(data)
+    bad = int(np.count_nonzero(~np.isfinite(arr)))
+    if bad:  # NaN-masked maps are common in NIfTI; models and windows need finite values
+        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
     guess = modality is None
     mod = modality or _guess_modality(arr)
     channel_names = [f"vol{i}" for i in range(arr.shape[0])] if arr.ndim == 4 else None
@@ -89,6 +92,7 @@ def read_nifti(path: str | os.PathLike, modality: str | None = None) -> Sample:
         "description": img.header.get("descrip").tobytes().split(b"\x00")[0].decode("latin-1", "replace") or None,
         "shape_xyz": list(data.shape[:3]),
         "plane": "axial",
+        "nonfinite_voxels": bad or None,
     }
     return Sample(arr.astype(np.float32), mod, "nifti", str(path), spacing=(zooms[2], zooms[1], zooms[0]),
                   meta={k: v for k, v in meta.items() if v is not None}, modality_guess=guess,
