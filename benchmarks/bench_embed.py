@@ -91,12 +91,13 @@ def bench(model: BoundModel, batch_sizes: list[int], min_seconds: float, max_rep
                     out[m][f"batch_{b}"] = {"skipped": f"estimated {est * b:.0f} s per batch"}
                     continue
                 x = torch.randn(b, *shape)
-                r = time_it(lambda: model.embed_tensors(m, x), b, min_seconds, max_reps)
+                r = time_it(lambda m=m, x=x: model.embed_tensors(m, x), b, min_seconds, max_reps)
                 est = r["ms_per_batch"] / 1000 / b
                 out[m][f"batch_{b}"] = r
                 log.info("%s batch %d: %.1f items/s", m, b, r["items_per_s"])
         texts = ["chest x-ray showing a moderate right pleural effusion and cardiomegaly."] * max(batch_sizes)
-        out["text"] = {f"batch_{b}": time_it(lambda: model.embed_text(texts[:b], model.modalities[0]), b,
+        first = model.modalities[0]
+        out["text"] = {f"batch_{b}": time_it(lambda b=b: model.embed_text(texts[:b], first), b,
                                               min_seconds, max_reps) for b in batch_sizes}
     return out
 

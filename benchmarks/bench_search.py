@@ -102,11 +102,15 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="FAISS OpenMP threads (1: single queries on a shared machine are faster "
+                         "without OpenMP spin-waits)")
     ap.add_argument("--out", type=Path, default=RESULTS / "bench_search.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import faiss
 
+    faiss.omp_set_num_threads(args.threads)
     rows = [bench(n, args.dim, args.queries, args.seed) for n in args.sizes]
     out = {
         "benchmark": "vector search latency and IVF recall@10 (simulated clustered unit vectors)",

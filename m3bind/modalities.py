@@ -125,7 +125,8 @@ SPECS: Mapping[str, ModalitySpec] = _freeze({
     ),
     PATHOLOGY: ModalitySpec(
         name=PATHOLOGY, title="Histopathology", kind=IMAGE2D, channels=3,
-        preprocess_defaults=_freeze({"size": 224, "magnification": 20.0, "max_tiles": 16}),
+        preprocess_defaults=_freeze({"size": 224, "magnification": 20.0, "max_tiles": 16,
+                                     "stain_norm": False}),
         labels=("normal tissue", "low grade tumor", "high grade tumor"),
         templates=(
             "an h&e image of {}.",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,18 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@contextmanager
+def _eval_mode(module: nn.Module):
+    """Run in eval mode, then restore every submodule's own train/eval flag (teachers may be training)."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
 def _device_of(module: nn.Module) -> torch.device:
     p = next(module.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -195,9 +207,9 @@ class BoundModel(nn.Module):
         self.logit_scales = nn.ParameterDict({
             m: nn.Parameter(torch.tensor(math.log(scales.get(m, config.init_logit_scale)), dtype=torch.float32))
             for m in self.image_encoders})
-        self.dtype: torch.dtype | None = None
+        #: Compute dtype of embedding (autocast); None = float32.
+        self.compute_dtype: torch.dtype | None = None
         self._model_id: str | None = None
-        self.eval()
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -210,7 +222,7 @@ class BoundModel(nn.Module):
             images[m] = ImageEncoder(trunk, build_head(cfg.image_heads[m], trunk.embed_dim, cfg.dim))
         texts = {k: build_text_encoder(tcfg, cfg.dim, cfg.text_heads[k], load_weights=load_weights, root=root)
                  for k, tcfg in cfg.text.items()}
-        return cls(cfg, images, texts)
+        return cls(cfg, images, texts).eval()
 
     @classmethod
     def from_teachers(cls, teachers: dict[str, ModalityCLIP], student_text: nn.Module | TextEncoderConfig | None = None,
@@ -302,24 +314,25 @@ class BoundModel(nn.Module):
         return self._model_id
 
     # ----------------------------------------------------------------- embedding
-    def _check_modality(self, modality: str | None) -> str:
+    def _check_modality(self, modality: str | None, path: str | None = None) -> str:
         if modality is None:
-            raise M3BindError("modality unknown; pass --modality")
+            raise M3BindError("modality unknown; pass --modality", path)
         if modality not in self.image_encoders:
-            raise M3BindError(f"this model has no {modality} encoder (it embeds: {', '.join(self.modalities)})")
+            raise M3BindError(f"this model has no {modality} encoder (it embeds: {', '.join(self.modalities)})",
+                              path)
         return modality
 
     def embed_tensors(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised float32 embeddings ``[B, D]`` of an already-preprocessed batch."""
         enc = self.image_encoders[self._check_modality(modality)]
         device = _device_of(enc)
-        with _autocast(device, self.dtype):
+        with _autocast(device, self.compute_dtype), _eval_mode(self):
             return l2_normalize(enc(x.to(device, torch.float32)))
 
     def encode_text_tokens(self, key: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """L2-normalised text embeddings from a tokenised batch of text encoder ``key``."""
         enc = self.text_encoders[key]
-        with _autocast(_device_of(enc), self.dtype):
+        with _autocast(_device_of(enc), self.compute_dtype), _eval_mode(self):
             return l2_normalize(enc(**_tokens_to(batch, _device_of(enc))))
 
     def text_key(self, modality: str | None) -> str:
@@ -327,7 +340,8 @@ class BoundModel(nn.Module):
         if self.shared_text:
             return SHARED_TEXT
         if modality is None:
-            raise M3BindError(f"this model has one text encoder per modality; name one of {', '.join(self.text_encoders)}")
+            raise M3BindError("this model has one text encoder per modality; name one of "
+                              f"{', '.join(self.text_encoders)}")
         if modality not in self.text_encoders:
             raise M3BindError(f"this model has no {modality} text encoder")
         return modality
@@ -367,7 +381,7 @@ class BoundModel(nn.Module):
         out = np.zeros((len(samples), self.dim), np.float32)
         by_modality: dict[str, list[int]] = {}
         for i, s in enumerate(samples):
-            by_modality.setdefault(self._check_modality(s.modality), []).append(i)
+            by_modality.setdefault(self._check_modality(s.modality, getattr(s, "path", None)), []).append(i)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -435,7 +449,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         dtype = getattr(torch, dtype)
     model = load_bound_model(Path(path), verify=verify)
     model.to(torch.device(device))
-    model.dtype = dtype
+    model.compute_dtype = dtype
     return model.eval()
 
 

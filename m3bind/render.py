@@ -100,9 +100,13 @@ def _font(size: int = 14):
 def _with_caption(img: np.ndarray, lines: list[str], min_width: int = 480) -> np.ndarray:
     from PIL import Image, ImageDraw
 
+    import textwrap
+
     h, w = img.shape[:2]
+    width = max(w, min_width)
+    lines = [part for line in lines for part in textwrap.wrap(line, max(20, width // 7)) or [""]]
     bar = 8 + 18 * len(lines)
-    canvas = Image.new("RGB", (max(w, min_width), h + bar), (24, 24, 24))
+    canvas = Image.new("RGB", (width, h + bar), (24, 24, 24))
     canvas.paste(Image.fromarray(img), (0, 0))
     d = ImageDraw.Draw(canvas)
     for i, line in enumerate(lines):

@@ -166,7 +166,8 @@ def load_hf_clip(src: TeacherSource) -> ModalityCLIP:
     dim = int(clip.config.projection_dim)
     image_size = getattr(vision.config, "image_size", None)
     cfg = TeacherConfig(modality=src.modality, image=image_cfg, text=text_cfg, dim=dim,
-                        image_head=HeadConfig(kind="linear", bias=False), text_head=HeadConfig(kind="linear", bias=False),
+                        image_head=HeadConfig(kind="linear", bias=False),
+                        text_head=HeadConfig(kind="linear", bias=False),
                         init_logit_scale=min(math.exp(float(clip.logit_scale.detach())), 100.0),
                         preprocess=_preprocess(src, image_size))
     image = ImageEncoder(HFVisionTrunk(model=vision), _linear_head(clip.visual_projection))

@@ -61,3 +61,19 @@ def test_bad_input_one_line(tmp_path, capsys):
 def test_wrong_modality_for_a_photo(sample_file, capsys, modality):
     rc, _, err = _run(capsys, sample_file("retina"), "--modality", modality)
     assert rc == 2 and err.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_meta_of_every_real_sample_is_plain_json(sample_files):
+    from m3bind.errors import UnsupportedFormat
+    from m3bind.io import load
+
+    for name, path in sample_files.items():
+        try:
+            s = load(path)
+        except UnsupportedFormat:
+            continue  # secondary captures, RT plans: no modality
+        except Exception as e:  # noqa: BLE001
+            if name == "mr_truncated":
+                continue
+            raise AssertionError(f"{name}: {e}") from e
+        json.dumps(s.meta)  # no numpy scalars, no datasets: plain JSON without a default

@@ -183,6 +183,32 @@ def test_classification_cis_bracket_point_estimates(rng):
         assert lo <= point[key] <= hi, key
 
 
+def test_weighted_bootstrap_statistics_equal_index_resampling(rng):
+    """Each weighted statistic equals the plain one on the resample its weight row encodes."""
+    y, scores = _random_problem(rng, n=30, k=3)
+    scores = np.round(scores, 1)  # ties
+    pred = scores.argmax(1)
+    w = M.resample_counts(30, 25, np.random.default_rng(4))
+    assert (w.sum(1) == 30).all()
+    f1 = M.weighted_macro_f1(w.astype(float), y, pred, 3)
+    auc = M.weighted_ovr_auc(w.astype(float), y, scores)
+    for b in range(25):
+        idx = np.repeat(np.arange(30), w[b])
+        assert f1[b] == pytest.approx(M.macro_f1(y[idx], pred[idx], 3))
+        assert auc[b] == pytest.approx(M.ovr_auc(y[idx], scores[idx]))
+        assert M.weighted_binary_auc(w[b:b + 1].astype(float), y == 0, scores[:, 0])[0] == \
+            pytest.approx(M.binary_auc(y[idx] == 0, scores[idx, 0]), nan_ok=True)
+
+
+def test_label_auc_ci_agrees_with_generic_bootstrap(rng):
+    y = rng.integers(0, 2, size=(80, 3))
+    s = rng.normal(size=(80, 3)) + y
+    fast = M.label_auc_ci(y, s, n_boot=1500, seed=0)
+    slow = M.bootstrap_ci(M.mean_label_auc, [y, s], n_boot=1500, seed=1)
+    assert fast[0] == pytest.approx(slow[0], abs=0.03) and fast[1] == pytest.approx(slow[1], abs=0.03)
+    assert fast[0] < M.mean_label_auc(y, s) < fast[1]
+
+
 def test_sample_support_and_few_shot_probe(rng):
     k = 3
     train_y = np.repeat(np.arange(k), 12)

@@ -15,7 +15,8 @@ from m3bind.errors import M3BindError, ModelDirError
 from m3bind.io.sample import Sample
 from m3bind.modalities import MODALITIES
 from m3bind.model import BoundModel, ModalityCLIP, TeacherConfig, load_model
-from m3bind.testing import TINY_PREPROCESS, build_tiny_bound_model, build_tiny_model, tiny_image_config, tiny_text_config
+from m3bind.testing import (TINY_PREPROCESS, build_tiny_bound_model, build_tiny_model, tiny_image_config,
+                            tiny_text_config)
 
 DIM = 32
 
@@ -175,9 +176,10 @@ def test_embed_errors(tiny):
 
 def test_bfloat16_autocast(tiny_dir, tiny):
     bf = load_model(tiny_dir, dtype="bfloat16")
-    x = batch("cxr")
-    e = bf.embed_tensors("cxr", x)
-    assert e.dtype == torch.float32 and torch.allclose(e, tiny.embed_tensors("cxr", x), atol=0.05)
+    x = batch("ecg")
+    e = bf.embed_tensors("ecg", x)
+    assert e.dtype == torch.float32 and torch.allclose(e, tiny.embed_tensors("ecg", x), atol=0.05)
+    assert not torch.equal(e, tiny.embed_tensors("ecg", x))  # it did run in bfloat16
 
 
 def test_modality_clip_and_per_modality_text(tmp_path):
@@ -188,7 +190,8 @@ def test_modality_clip_and_per_modality_text(tmp_path):
                                                    dim=16, preprocess=TINY_PREPROCESS[m]))
         teachers[m] = t
     t = teachers["cxr"]
-    assert float(t.logit_scale.detach()) == pytest.approx(math.log(1 / 0.07)) and t.tokenizer is t.text_encoder.tokenizer
+    assert float(t.logit_scale.detach()) == pytest.approx(math.log(1 / 0.07))
+    assert t.tokenizer is t.text_encoder.tokenizer
     img, txt, s = t(batch("cxr"), ["a", "b"])
     assert img.shape == txt.shape == (2, 16) and torch.allclose(txt.norm(dim=-1), torch.ones(2))
     with torch.no_grad():
@@ -201,6 +204,8 @@ def test_modality_clip_and_per_modality_text(tmp_path):
         bound.embed_text(["x"])
     a, b = bound.embed_text(["x"], "cxr"), bound.embed_text(["x"], "ecg")
     assert not np.allclose(a, b)  # each modality has its own text encoder
+    bound.embed_tensors("cxr", batch("cxr"))
+    assert t.training and t.image_encoder.training  # binding/embedding leaves a training teacher training
     loaded = load_model(bound.save(tmp_path / "pm"))
     assert np.array_equal(loaded.embed_text(["x y"], "ecg"), bound.embed_text(["x y"], "ecg"))
     assert torch.equal(loaded.embed_tensors("ecg", batch("ecg")), bound.embed_tensors("ecg", batch("ecg")))

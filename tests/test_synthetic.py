@@ -156,6 +156,16 @@ def test_label_noise_changes_annotation_only():
             assert label != true and cohort.label_for(m, f, a) == label
 
 
+def test_cross_modal_chance_by_hand():
+    from data_registry.synthetic import cross_modal_chance
+
+    rows = [{"split": "test", "modality": m, "condition": c} for m, c in
+            (("cxr", "heart_failure"), ("cxr", "healthy"), ("ecg", "heart_failure;diabetes"), ("ecg", "healthy"),
+             ("ecg", "pneumonia"), ("ecg", "healthy"))]
+    # query 1 (heart failure): 1 of 4 ECGs relevant; query 2 (healthy): 2 of 4 -> mean 0.375
+    assert cross_modal_chance(rows, "cxr", "ecg") == pytest.approx(0.375)
+
+
 def test_chance_levels_by_hand():
     rows = [{"modality": "ct", "label": lab} for lab in ("normal", "normal", "normal", "lung nodule")]
     assert chance_levels(rows) == {"ct": {"uniform": 0.25, "majority": 0.75}}

@@ -17,6 +17,9 @@ from m3bind.model import BoundModel, ModalityCLIP, load_model
 from m3bind.teachers import TEACHER_FORMATS, TeacherSource, load_teacher
 
 HAS_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None
+TINY_OPEN_CLIP = {"embed_dim": 16,
+                  "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+                  "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +123,7 @@ def test_open_clip_checkpoint(tmp_path, suffix):
     import open_clip
     from safetensors.torch import save_file
 
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    cfg = TINY_OPEN_CLIP
     (tmp_path / "tiny-oc.json").write_text(json.dumps(cfg))
     torch.manual_seed(0)
     ref = open_clip.CLIP(**cfg).eval()
@@ -148,8 +149,10 @@ def test_open_clip_wrong_checkpoint(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "w.safetensors"))
+    (tmp_path / "tiny-oc2.json").write_text(json.dumps(TINY_OPEN_CLIP))
     with pytest.raises(ModelDirError, match="does not fit"):
-        load_teacher(TeacherSource(format="open_clip", model_name="RN50", checkpoint=str(tmp_path / "w.safetensors")))
+        load_teacher(TeacherSource(format="open_clip", model_name="tiny-oc2", checkpoint=str(tmp_path / "w.safetensors"),
+                                   model_config=str(tmp_path / "tiny-oc2.json")))
     with pytest.raises(ModelDirError, match="unknown open_clip model"):
         load_teacher(TeacherSource(format="open_clip", model_name="nope", checkpoint=str(tmp_path / "w.safetensors")))
 

@@ -82,7 +82,8 @@ def test_modes_and_defaults():
 
 def test_toy_model_known_answer_with_default_labels():
     labels = list(SPECS["cxr"].labels)
-    words = sorted({w for lab in labels for t in SPECS["cxr"].templates for w in t.format(lab).replace(".", " ").split()})
+    prompts = [t.format(lab) for lab in labels for t in SPECS["cxr"].templates]
+    words = sorted({w for p in prompts for w in p.replace(".", " ").split()})
     model = BagOfWordsModel(words, onehot(words, "effusion"))
     ranked = classify(model, Sample(np.zeros((4, 4), np.float32), "cxr", "png", "x.png"))
     assert ranked[0][0] == "pleural effusion"

@@ -61,8 +61,7 @@ def openi_text_task(encode: Callable[[list[str]], np.ndarray],
     out["positives"] = {lab: int(v) for lab, v in zip(labels, y.sum(0))}
     if n_boot and labelled.any():
         keep = ~np.isnan(aucs)
-        out["ci95"] = list(M.bootstrap_ci(M.mean_label_auc, [y[:, keep], scores[:, keep]],
-                                          n_boot, level, seed))
+        out["ci95"] = M.label_auc_ci(y[:, keep], scores[:, keep], n_boot, level, seed)
     return out
 
 

@@ -305,19 +305,101 @@ def bootstrap_ci(stat: Callable[..., float], arrays: Sequence[np.ndarray], n_boo
     return float(lo), float(hi)
 
 
+def resample_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """``[n_boot, n]`` multiplicities of each item in ``n_boot`` bootstrap resamples of size n.
+
+    Equivalent to drawing ``n`` indices with replacement per resample; statistics below take
+    these counts as weights, so a whole bootstrap is a few matrix operations.
+    """
+    idx = rng.integers(0, n, size=(n_boot, n))
+    flat = (np.arange(n_boot)[:, None] * n + idx).ravel()
+    return np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n)
+
+
+def weighted_macro_f1(w: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray,
+                      n_classes: int) -> np.ndarray:
+    """:func:`macro_f1` of each resample given by weight rows ``w`` ``[B, N]``."""
+    k = n_classes
+    codes = np.asarray(y_true) * k + np.asarray(y_pred)
+    cm = (w @ np.eye(k * k)[codes]).reshape(len(w), k, k)
+    tp = np.diagonal(cm, axis1=1, axis2=2)
+    denom = cm.sum(axis=1) + cm.sum(axis=2)
+    present = denom > 0
+    f1 = np.where(present, 2 * tp / np.maximum(denom, 1e-12), 0.0)
+    with np.errstate(invalid="ignore"):
+        return f1.sum(axis=1) / present.sum(axis=1)
+
+
+def weighted_binary_auc(w: np.ndarray, y: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """:func:`binary_auc` of each resample given by weight rows ``w`` ``[B, N]`` (NaN where a
+    resample holds one class only); ties count one half, as in the unweighted version."""
+    y = np.asarray(y).astype(bool)
+    order = np.argsort(score, kind="mergesort")
+    s = np.asarray(score)[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of tied scores
+    ws = w[:, order].astype(np.float64)
+    wp = np.add.reduceat(ws * y[order], starts, axis=1)
+    wn = np.add.reduceat(ws * ~y[order], starts, axis=1)
+    below = np.cumsum(wn, axis=1) - wn
+    u = (wp * (below + 0.5 * wn)).sum(axis=1)
+    pn = wp.sum(axis=1) * wn.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pn > 0, u / pn, np.nan)
+
+
+def weighted_ovr_auc(w: np.ndarray, y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """:func:`ovr_auc` of each resample given by weight rows ``w`` ``[B, N]``."""
+    aucs = np.stack([weighted_binary_auc(w, np.asarray(y_true) == c, scores[:, c])
+                     for c in range(scores.shape[1])], axis=1)
+    defined = ~np.isnan(aucs)
+    with np.errstate(invalid="ignore"):
+        return np.where(defined.any(axis=1), np.nansum(aucs, axis=1) / defined.sum(axis=1), np.nan)
+
+
+def label_auc_ci(y: np.ndarray, scores: np.ndarray, n_boot: int = 1000, level: float = 0.95,
+                 seed: int = 0) -> list[float]:
+    """Bootstrap interval of :func:`mean_label_auc` (multi-label ``[N, L]``), resampling items."""
+    n = len(y)
+    if n == 0 or n_boot <= 0 or y.shape[1] == 0:
+        return [float("nan"), float("nan")]
+    w = resample_counts(n, n_boot, np.random.default_rng(seed)).astype(np.float64)
+    aucs = np.stack([weighted_binary_auc(w, y[:, j], scores[:, j]) for j in range(y.shape[1])], 1)
+    defined = ~np.isnan(aucs)
+    with np.errstate(invalid="ignore"):
+        means = np.where(defined.any(1), np.nansum(aucs, 1) / defined.sum(1), np.nan)
+    if np.isnan(means).sum() > n_boot / 2:
+        return [float("nan"), float("nan")]
+    return list(_percentile_ci(means, level))
+
+
+def _percentile_ci(values: np.ndarray, level: float) -> tuple[float, float]:
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(values, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
 def classification_cis(y_true: np.ndarray, scores: np.ndarray, n_boot: int = 1000,
                        level: float = 0.95, seed: int = 0) -> dict[str, list[float]]:
-    """Bootstrap intervals of the headline classification metrics (accuracy, macro F1, AUC)."""
-    k = scores.shape[1]
+    """Bootstrap intervals of the headline classification metrics (accuracy, macro F1, AUC),
+    all from the same resamples of the test items (vectorised through resample weights)."""
     y_true = np.asarray(y_true)
-    correct = (scores.argmax(axis=1) == y_true).astype(np.float64)
-    y_pred = scores.argmax(axis=1)
-    return {
-        "accuracy": list(bootstrap_mean_ci(correct, n_boot, level, seed)),
-        "macro_f1": list(bootstrap_ci(lambda t, p: macro_f1(t, p, k), [y_true, y_pred],
-                                      n_boot, level, seed)),
-        "auc": list(bootstrap_ci(ovr_auc, [y_true, scores], n_boot, level, seed)),
+    n, k = scores.shape
+    if n == 0 or n_boot <= 0:
+        return {key: [float("nan"), float("nan")] for key in ("accuracy", "macro_f1", "auc")}
+    w = resample_counts(n, n_boot, np.random.default_rng(seed)).astype(np.float64)
+    pred = scores.argmax(axis=1)
+    auc = weighted_ovr_auc(w, y_true, scores)
+    out = {
+        "accuracy": list(_percentile_ci(w @ (pred == y_true) / n, level)),
+        "macro_f1": list(_percentile_ci(weighted_macro_f1(w, y_true, pred, k), level)),
+        "auc": list(_percentile_ci(auc, level)),
     }
+    if np.isnan(auc).sum() > n_boot / 2:
+        out["auc"] = [float("nan"), float("nan")]
+    return out
 
 
 # --------------------------------------------------------------------------- few-shot

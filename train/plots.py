@@ -67,7 +67,9 @@ def fewshot_curves(report: dict, path: Path) -> bool:
                 ax.axhline(zs["accuracy"], color=c, ls="--", lw=1, label=f"{stage} zero-shot")
             chance = zs.get("chance", chance)
         if chance is not None:
-            ax.axhline(chance, color="black", ls=":", lw=1, label="chance")
+            kind = report.get("config", {}).get("chance", "majority")
+            ax.axhline(chance, color="black", ls=":", lw=1,
+                       label="chance (majority class)" if kind == "majority" else "chance (1/K)")
         ax.set_xscale("log")
         ax.set_xticks(sorted({v["shots"] for s in metrics
                               for v in metrics[s].get(m, {}).get("fewshot", {}).values()}))
@@ -77,14 +79,23 @@ def fewshot_curves(report: dict, path: Path) -> bool:
         ax.set_xlabel("shots per class (K)")
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(mods):]:
+    spare = list(axes.flat)[len(mods):]
+    for ax in spare:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8,
-               bbox_to_anchor=(0.5, 0.0))
+    handles, labels = {}, {}
+    for ax in list(axes.flat)[:len(mods)]:  # union: a stage may lack some modality
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    labels = list(handles)
     fig.suptitle(f"Few-shot linear probes (band: ± 1 std over support sets; dashed: zero-shot)"
                  f"{_suffix(report)}")
-    fig.tight_layout(rect=(0, 0.07 + 0.05 / rows, 1, 0.95))
+    if spare:  # the legend takes an empty panel
+        spare[0].legend([handles[k] for k in labels], labels, loc="center", fontsize=9)
+        fig.tight_layout(rect=(0, 0, 1, 0.95))
+    else:
+        fig.legend([handles[k] for k in labels], labels, loc="lower center",
+                   ncol=min(len(labels), 4), fontsize=8, bbox_to_anchor=(0.5, 0.0))
+        fig.tight_layout(rect=(0, 0.07 + 0.05 / rows, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

@@ -169,10 +169,13 @@ def build_app(services: Services) -> gr.Blocks:
                     s_text = gr.Textbox(label="…or a text query", placeholder="e.g. atrial fibrillation",
                                         scale=2, elem_id="s-text")
                     s_text_go = gr.Button("Search text", elem_id="s-text-go")
-                s_gallery = gr.Gallery(label="Results (click one, then open it)", columns=4,
-                                       height=420, object_fit="contain", elem_id="s-gallery")
-                s_table = gr.Dataframe(headers=["rank", "score", "modality", "patient", "study", "path"],
-                                       label="Results", interactive=False, elem_id="s-table")
+                s_gallery = gr.Gallery(label="Results, best first (click one to select it)", columns=4,
+                                       height="auto", object_fit="contain", preview=False,
+                                       allow_preview=True, elem_id="s-gallery")
+                s_table = gr.Dataframe(headers=["rank", "similarity", "modality", "patient", "study",
+                                                "date", "file"],
+                                       label="Results (click a row to select it)", interactive=False,
+                                       elem_id="s-table")
                 with gr.Row():
                     s_picked = gr.Markdown("")
                     s_open = gr.Button("Open selected result in Explore", elem_id="s-open")
@@ -307,11 +310,17 @@ def build_app(services: Services) -> gr.Blocks:
         ps_load.click(load_set, [ps_pick], [zs_labels, zs_templates])
 
         # ----------------------------------------------------------------- search
+        def _rel(path: str) -> str:
+            """A result's path relative to the archive root (shorter to read)."""
+            root = services.archive_root
+            p = Path(path)
+            return str(p.relative_to(root)) if root and root in p.parents else str(p)
+
         def _show_hits(hits):
             gallery, rows = [], []
             for i, h in enumerate(hits, 1):
                 patient, study = archive_api.short_key(h["patient"]), archive_api.short_key(h["study"])
-                caption = (f"#{i} · score {h['score']:.3f} · {h['modality']} · "
+                caption = (f"#{i} · similarity {h['score']:.3f} · {h['modality']} · "
                            f"patient {patient or '—'} · study {study or '—'}")
                 try:
                     img = views.thumbnail(services.load(h["path"], h["modality"]))
@@ -320,7 +329,8 @@ def build_app(services: Services) -> gr.Blocks:
                     img = None
                 if img is not None:
                     gallery.append((img, caption))
-                rows.append([i, round(h["score"], 4), h["modality"], patient, study, h["path"]])
+                rows.append([i, round(h["score"], 4), h["modality"], patient, study,
+                             h.get("study_date") or "", _rel(h["path"])])
             if not hits:
                 gr.Warning("no results: the catalogue holds no items of this modality")
             return hits, gallery, rows, ""
@@ -339,10 +349,11 @@ def build_app(services: Services) -> gr.Blocks:
             return _show_hits(services.search(text=text, target=target, k=int(k)))
 
         def pick_hit(hits, evt: gr.SelectData):
-            if not hits or evt.index is None or evt.index >= len(hits):
+            i = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+            if not hits or i is None or not 0 <= i < len(hits):
                 return None, ""
-            h = hits[evt.index]
-            return h["path"], f"Selected #{evt.index + 1}: `{h['path']}`"
+            h = hits[i]
+            return h["path"], f"Selected #{i + 1}: `{_rel(h['path'])}`"
 
         @guarded
         def open_picked(path):
@@ -355,6 +366,7 @@ def build_app(services: Services) -> gr.Blocks:
         s_text_go.click(search_text, [s_text, s_target, s_k], search_outputs)
         s_text.submit(search_text, [s_text, s_target, s_k], search_outputs)
         s_gallery.select(pick_hit, [hits_state], [picked_state, s_picked])
+        s_table.select(pick_hit, [hits_state], [picked_state, s_picked])
         s_open.click(open_picked, [picked_state], explore_outputs + [tabs])
 
         # ---------------------------------------------------------------- archive
@@ -389,7 +401,8 @@ def build_app(services: Services) -> gr.Blocks:
             if not patient:
                 return []
             items = archive_api.items(services.catalog(), root=services.archive_root, patient=patient)
-            return [[i.get("study") or "", i.get("date") or "", i["modality"], i["path"]] for i in items]
+            return [[i.get("study") or "", i.get("date") or "", i["modality"], _rel(i["path"])]
+                    for i in items]
 
         def pick_row(rows, evt: gr.SelectData):
             try:
@@ -397,7 +410,7 @@ def build_app(services: Services) -> gr.Blocks:
                 path = rows.iloc[r]["path"] if hasattr(rows, "iloc") else rows[r][3]
             except (IndexError, KeyError, TypeError):
                 return None, ""
-            return path, f"Selected: `{path}`"
+            return path, f"Selected: `{path}`"  # relative to the archive root: Services resolves it
 
         a_index.click(run_index, [a_root], archive_outputs)
         a_patient.change(patient_items, [a_patient], a_items)

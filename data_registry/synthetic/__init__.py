@@ -13,7 +13,8 @@ Example:
 
 from .cohort import (CONDITIONS, FINDINGS, HEALTHY, condition_set, label_for, primary_condition,
                      same_condition)
-from .generate import MANIFEST_COLUMNS, SIZES, CohortConfig, chance_levels, generate, read_manifest
+from .generate import (MANIFEST_COLUMNS, SIZES, CohortConfig, chance_levels, cross_modal_chance, generate,
+                       read_manifest)
 
-__all__ = ["CONDITIONS", "FINDINGS", "HEALTHY", "MANIFEST_COLUMNS", "SIZES", "CohortConfig", "chance_levels",
+__all__ = ["CONDITIONS", "FINDINGS", "HEALTHY", "MANIFEST_COLUMNS", "SIZES", "CohortConfig", "chance_levels", "cross_modal_chance",
            "condition_set", "generate", "label_for", "primary_condition", "read_manifest", "same_condition"]

@@ -252,6 +252,17 @@ def chance_levels(rows: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def cross_modal_chance(rows: list[dict], query: str, target: str, split: str = "test") -> float:
+    """Chance precision of retrieving ``target`` items for ``query`` items of linked patients under
+    :func:`~data_registry.synthetic.cohort.same_condition`: the mean over queries of the fraction of
+    relevant targets (every target item of the split is a candidate, the query's own patient included)."""
+    q = [r["condition"] for r in rows if r["split"] == split and r["modality"] == query]
+    t = [r["condition"] for r in rows if r["split"] == split and r["modality"] == target]
+    if not q or not t:
+        return float("nan")
+    return float(np.mean([np.mean([_cohort.same_condition(a, b) for b in t]) for a in q]))
+
+
 def read_manifest(root) -> list[dict[str, str]]:
     """Read ``manifest.csv`` of a cohort folder (or the CSV path itself).
 

@@ -39,7 +39,7 @@ def render_tissue(grade: int, rng: np.random.Generator, size: int = 128, noise: 
         signal: Effect-size multiplier (shrinks atypia towards normal below 1).
         mpp: Micrometres per pixel (nuclei are about 6-15 um across).
     """
-    ss = 2
+    ss = 2 if size <= 256 else 1  # supersample small fields for smooth nuclei
     n = size * ss
     px = 1.0 / (mpp / ss)  # pixels per micrometre on the canvas
     e_img = Image.new("L", (n, n), 0)

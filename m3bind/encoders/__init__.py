@@ -114,7 +114,8 @@ def build_image_encoder(cfg: ImageEncoderConfig, load_weights: bool = True) -> n
     builder = ENCODERS.get(cfg.arch)
     trunk = builder(cfg)
     if cfg.embed_dim is not None and int(cfg.embed_dim) != trunk.embed_dim:
-        raise ValueError(f"{cfg.arch} {cfg.name!r} gives {trunk.embed_dim} features, config says embed_dim={cfg.embed_dim}")
+        raise ValueError(f"{cfg.arch} {cfg.name!r} gives {trunk.embed_dim} features, "
+                         f"config says embed_dim={cfg.embed_dim}")
     if cfg.weights and load_weights:
         load_weights_file(trunk, cfg.weights)
     return trunk

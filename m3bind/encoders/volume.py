@@ -79,9 +79,9 @@ class ViT3d(nn.Module):
                  heads: int = 8, mlp_ratio: float = 4.0):
         super().__init__()
         self.img_size, self.patch_size = tuple(img_size), tuple(patch_size)
-        if any(s % p for s, p in zip(self.img_size, self.patch_size)):
+        if any(s % p for s, p in zip(self.img_size, self.patch_size, strict=True)):
             raise ValueError(f"img_size {self.img_size} not divisible by patch_size {self.patch_size}")
-        n = math.prod(s // p for s, p in zip(self.img_size, self.patch_size))
+        n = math.prod(s // p for s, p in zip(self.img_size, self.patch_size, strict=True))
         self.patch_embed = nn.Conv3d(in_chans, width, self.patch_size, stride=self.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.randn(1, n + 1, width) * 0.02)

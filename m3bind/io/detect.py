@@ -136,10 +136,10 @@ def detect_file(path: Path) -> tuple[str, str | None]:
     fmt = _wsi_format(path)
     if fmt is not None:
         return "wsi", "pathology"
-    if _looks_like_dicom_without_preamble(h):
-        try:
+    if _looks_like_dicom_without_preamble(h) or path.suffix.lower() in (".dcm", ".dicom"):
+        try:  # a bare dataset without Part 10 preamble: accepted only if it parses with a SOP class
             return "dicom", _dicom_modality(path)
-        except CorruptFile:
+        except (CorruptFile, UnsupportedFormat):
             pass
     raise UnsupportedFormat("unrecognised file format", path)
 

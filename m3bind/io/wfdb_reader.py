@@ -20,7 +20,7 @@ import numpy as np
 from m3bind.errors import CorruptFile, UnsupportedFormat
 from m3bind.io.dicom import to_standard_leads
 from m3bind.io.leads import STANDARD_LEADS, canonical_lead
-from m3bind.io.limits import LIMITS, check_file, check_signal
+from m3bind.io.limits import check_file, check_signal
 from m3bind.io.sample import Sample
 from m3bind.modalities import ECG
 
@@ -143,4 +143,4 @@ def read_wfdb(path: str | os.PathLike) -> Sample:
                   lead_names=list(STANDARD_LEADS), meta=meta)
 
 
-__all__ = ["read_wfdb", "record_base", "parse_comments", "LIMITS"]
+__all__ = ["read_wfdb", "record_base", "parse_comments"]

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from m3bind.errors import CorruptFile, TooLarge, UnsupportedFormat
+from m3bind.errors import CorruptFile, UnsupportedFormat
 from m3bind.io.limits import LIMITS, check_pixels
 from m3bind.io.sample import Sample
 from m3bind.modalities import PATHOLOGY
@@ -185,4 +185,4 @@ def read_slide(path: str | os.PathLike, *, magnification: float = 20.0, tile_siz
     return Sample(thumb, PATHOLOGY, "wsi", str(path), spacing=spacing, meta=info, tiles=tiles)
 
 
-__all__ = ["read_slide", "slide_info", "tissue_mask", "TooLarge"]
+__all__ = ["read_slide", "slide_info", "tissue_mask"]

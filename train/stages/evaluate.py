@@ -354,8 +354,8 @@ def multilabel_task(model, emb: np.ndarray, items: list[Item], modality: str,
         out["mean_auc"] = M.mean_label_auc(y, scores)
         if cfg.bootstrap:
             keep = ~np.isnan(aucs)
-            out["ci95"] = list(M.bootstrap_ci(M.mean_label_auc, [y[:, keep], scores[:, keep]],
-                                              cfg.bootstrap, cfg.ci_level, cfg.seed))
+            out["ci95"] = M.label_auc_ci(y[:, keep], scores[:, keep], cfg.bootstrap,
+                                         cfg.ci_level, cfg.seed)
     out["prevalence"] = {n: float(v) for n, v in zip(names, y.mean(0))}
     return out
 
@@ -396,8 +396,10 @@ def fewshot_task(pool_x: np.ndarray, pool_items: list[Item], test_x: np.ndarray,
                                       cfg.seed, cfg.probe_c) if len(py) else None
         if res is None:
             counts = np.bincount(py, minlength=len(labels)) if len(py) else np.zeros(len(labels))
-            note = (f"{modality} {k}-shot not run: fewest support items per class "
-                    f"{int(counts[counts > 0].min()) if counts.any() else 0}")
+            present = counts[counts > 0]
+            note = (f"{modality} {k}-shot not run: " + (
+                f"{len(present)} class(es) in the support pool" if len(present) < 2 else
+                f"fewest support items per class {int(present.min())}"))
             if note not in notes:
                 notes.append(note)
             continue
@@ -528,7 +530,12 @@ def evaluate(models: dict[str, Any], cohort_root: str | Path, out_dir: str | Pat
     for m in mods:
         labels = set(SPECS[m].labels)
         test[m] = [it for it in items if it.modality == m and it.split == cfg.test_split
-                   and it.label in labels and it.patient in keep]
+                   and it.patient in keep]
+        unknown = [it for it in test[m] if it.label not in labels]
+        if unknown:
+            notes.append(f"{m}: {len(unknown)} test items with labels outside the modality's "
+                         f"zero-shot labels left out (e.g. {unknown[0].label!r})")
+            test[m] = [it for it in test[m] if it.label in labels]
         by_label: dict[str, list[Item]] = {}
         for it in items:
             if it.modality == m and it.split in cfg.support_splits and it.label in labels:
@@ -604,8 +611,11 @@ def evaluate(models: dict[str, Any], cohort_root: str | Path, out_dir: str | Pat
     report = _clean(report)
     from train.report import render_markdown
 
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(render_markdown(report))
+    for name, text in (("report.json", json.dumps(report, indent=2)),
+                       ("report.md", render_markdown(report))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)  # atomic: a reader never sees half a report
     log.info("evaluation report written to %s", out)
     return report
 
