@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -107,8 +108,10 @@ def write(name: str, result: dict) -> None:
     (RESULTS / f"embed_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     sizes = result["batch_sizes"]
     lines = [f"# Embedding throughput — {name}", "",
-             f"{result['machine']}; torch {result['torch']}, {result['threads']} threads; random weights "
-             "(speed only); encoder forward on preprocessed inputs (no file reading/preprocessing).", "",
+             f"{result['machine']}; torch {result['torch']}, {result['threads']} threads; load average "
+             f"{result['load_average']} during the run (other jobs share the CPU: numbers are lower bounds); "
+             "random weights (speed only); encoder forward on preprocessed inputs (no file reading/preprocessing). "
+             "Pathology counts tiles.", "",
              "| modality | input | " + " | ".join(f"items/s @ batch {b}" for b in sizes) + " |",
              "|---|---|" + "---|" * len(sizes)]
     for m, r in result["results"].items():
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model, name = load_model(path), Path(path).name
         res = bench(model.eval(), args.batch_sizes, args.min_seconds, args.max_reps, args.max_batch_seconds)
-        write(name, {"name": name, "model_id": model.model_id, "batch_sizes": args.batch_sizes,
+        write(name, {"load_average": [round(x, 1) for x in os.getloadavg()], "cpu_count": os.cpu_count(),"name": name, "model_id": model.model_id, "batch_sizes": args.batch_sizes,
                      "machine": f"{platform.processor() or platform.machine()} CPU",
                      "torch": torch.__version__, "threads": torch.get_num_threads(), "results": res})
         log.info("wrote %s", RESULTS / f"embed_{name}.md")

@@ -31,7 +31,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def simulated_vectors(n: int, dim: int, seed: int, point_seed: int, centres: int = 1000,
-                      spread: float = 0.6) -> np.ndarray:
+                      spread: float = 1.0) -> np.ndarray:
     """``n`` unit vectors around ``centres`` random directions (simulated embeddings); the
     directions depend on ``seed``, the points on ``point_seed``."""
     c = np.random.default_rng(seed).normal(size=(centres, dim)).astype(np.float32)

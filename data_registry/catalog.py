@@ -29,8 +29,9 @@ import logging
 import os
 import secrets
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from sqlalchemy import (
@@ -292,7 +293,7 @@ class Catalog:
         """Release the connection pool."""
         self.engine.dispose()
 
-    def __enter__(self) -> "Catalog":
+    def __enter__(self) -> Catalog:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -439,4 +440,6 @@ class Catalog:
             if state[0]:
                 self.index_dir.mkdir(parents=True, exist_ok=True)
                 index.save(path)
+            else:
+                path.unlink(missing_ok=True)
         return index

@@ -32,8 +32,9 @@ import multiprocessing
 import os
 import re
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 from sqlalchemy import delete, select, update
@@ -169,7 +170,7 @@ def _decode_task(root: str, cand: Candidate, default_modality: str | None,
             links = wfdb_links(path)
         elif cand.kind == "dicom_series" or cand.members[0].lower().endswith(".dcm") or (
                 cand.kind == "file" and _looks_dicom(path)):
-            links = dicom_links(os.path.join(root, sorted(cand.members)[0]))
+            links = dicom_links(os.path.join(root, min(cand.members)))
         for k, v in cand.hints.items():
             links.setdefault(k, v)
         modality = _detect(path)[1]
@@ -361,7 +362,7 @@ class _Run:
 
     def _upsert_item(self, s, cand: Candidate, chash: str, **fields) -> Item:
         item = s.scalar(select(Item).where(Item.path == cand.rel))
-        now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
         common = dict(kind=cand.kind, size=cand.size, mtime=cand.mtime,
                       fingerprint=cand.fingerprint, content_hash=chash, indexed_at=now, **fields)
         if item is None:
@@ -415,7 +416,7 @@ class _Run:
                 study_date = dt.date.fromisoformat(iso) if iso else None
                 patient_id, study_id, series_id = self._links(s, links, sample.modality, study_date)
                 old = s.scalar(select(Item).where(Item.path == c.rel))
-                if old is not None:
+                if old is not None and old.content_hash != h:  # same content: keep other models'
                     removed += self.release_item(s, old)
                     s.flush()
                 item = self._upsert_item(s, c, h, modality=sample.modality, format=sample.format,
@@ -448,7 +449,7 @@ class _Run:
         self.save_indices()
 
     def _record_failure(self, s, rel: str, error: str, size: int = -1, mtime: float = -1.0) -> None:
-        now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
         row = s.scalar(select(Failure).where(Failure.path == rel))
         if row is None:
             s.add(Failure(path=rel, error=error, size=size, mtime=mtime, failed_at=now))
@@ -553,7 +554,7 @@ def index_archive(root: str | os.PathLike, catalog: str | Catalog, model, *,
         batch: list[tuple[Candidate, str, dict]] = []
         fails: list[tuple[str, str, int, float]] = []
         tasks = ((str(root), c, modality, loader, cat.keep_phi) for c in to_decode)
-        crashed = lambda a: {"rel": a[1].rel, "error": "reader process crashed"}  # noqa: E731
+        crashed = lambda a: {"rel": a[1].rel, "error": "reader process crashed"}
         for r in _pool_map(_decode_task, tasks, workers, 4 * max(workers, 1), crashed):
             c = by_rel[r["rel"]]
             if "error" in r:
@@ -596,7 +597,7 @@ def _catalog_files(cat: Catalog) -> tuple[Path, ...]:
     u = make_url(cat.url)
     if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
         db = Path(u.database)
-        return (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}-journal"))
+        return tuple(Path(f"{db}{suffix}") for suffix in ("", "-wal", "-shm", "-journal", ".lock"))
     return ()
 
 

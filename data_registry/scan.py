@@ -30,7 +30,7 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 WFDB_SIGNAL_SUFFIXES = (".dat", ".mat")
 #: Files that are never items (documents, tables, catalogue files).
 IGNORED_SUFFIXES = (".csv", ".json", ".md", ".txt", ".yaml", ".yml", ".log", ".db", ".sqlite",
-                    ".sqlite3", "-wal", "-shm", "-journal", ".m3idx", ".tmp", ".html", ".py")
+                    ".sqlite3", "-wal", "-shm", "-journal", ".lock", ".m3idx", ".tmp", ".html", ".py")
 #: Folder names that hint at a modality, for formats that carry none (PNG, JPEG, TIFF, NIfTI).
 FOLDER_HINTS: dict[str, str] = {m: m for m in MODALITIES}
 FOLDER_HINTS.update({"chest": "cxr", "xray": "cxr", "x-ray": "cxr", "fundus": "retina",
@@ -146,7 +146,7 @@ def read_sidecar(csv_path: Path, root: Path) -> dict[str, dict[str, str]]:
 def _group_folder(root: Path, folder: Path, files: list[Path],
                   failures: list[tuple[str, str]]) -> list[Candidate]:
     """Items of one folder's regular files."""
-    rel = lambda p: Path(os.path.relpath(p, root)).as_posix()  # noqa: E731
+    rel = lambda p: Path(os.path.relpath(p, root)).as_posix()
     out: list[Candidate] = []
     used: set[Path] = set()
     # WFDB records: the header names the item, its signal files are members
@@ -173,8 +173,8 @@ def _group_folder(root: Path, folder: Path, files: list[Path],
         elif multi:
             for g in multi:
                 used.update(g)
-                failures.append((rel(g[0]), "folder holds several multi-file DICOM series; "
-                                 "put each series in its own folder"))
+                failures.append((rel(g[0]), ("folder holds several multi-file DICOM series; "
+                                             "put each series in its own folder")))
     for f in files:
         if f in used:
             continue

@@ -78,7 +78,7 @@ class VectorIndex:
     @classmethod
     def build(cls, vectors: np.ndarray, ids: np.ndarray, *, kind: str | None = None,
               exact_max: int | None = None, nlist: int | None = None,
-              nprobe: int | None = None, seed: int = 0) -> "VectorIndex":
+              nprobe: int | None = None, seed: int = 0) -> VectorIndex:
         """An index holding ``vectors`` under ``ids``; exact or IVF by size unless ``kind``.
 
         Args:
@@ -90,7 +90,7 @@ class VectorIndex:
             seed: Seed of the IVF k-means.
         """
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        n = int(len(ids))
+        n = len(ids)
         kind = kind or choose_kind(n, exact_max)
         dim = int(vectors.shape[1]) if n else None
         if kind == "ivf":
@@ -217,7 +217,7 @@ class VectorIndex:
             raise
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "VectorIndex":
+    def load(cls, path: str | os.PathLike) -> VectorIndex:
         """Read an index written by :meth:`save`.
 
         Raises:
@@ -234,7 +234,10 @@ class VectorIndex:
         index.dim = header["dim"]
         body = data[16 + hlen:]
         if body:
-            index._index = faiss.deserialize_index(np.frombuffer(body, dtype=np.uint8))
+            try:
+                index._index = faiss.deserialize_index(np.frombuffer(body, dtype=np.uint8))
+            except RuntimeError as e:
+                raise ValueError(f"damaged index {path}: {str(e).splitlines()[0]}") from None
             if index.kind == "ivf" and index.nprobe:
                 index._index.nprobe = index.nprobe
         if len(index) != header["count"]:

@@ -131,7 +131,7 @@ def test_cxr_upload_view_zeroshot_and_search(page, app_url):
     page.screenshot(path=str(ARTIFACTS / "03_search_cxr_to_ecg.png"), full_page=True)
 
     # open the result in Explore: the ECG grid replaces the radiograph
-    page.locator("#s-table").get_by_text("waveform_ecg").first.click()
+    page.locator("#s-table [role=gridcell]").filter(has_text="waveform_ecg").first.click()
     page.wait_for_function("() => document.body.innerText.includes('Selected #1')")
     page.locator("#s-open").click()
     page.wait_for_function("() => document.querySelector('#item').innerText.includes('waveform_ecg')")
@@ -161,6 +161,21 @@ def test_ecg_upload_zeroshot_with_edited_labels(page, app_url):
     page.screenshot(path=str(ARTIFACTS / "05_zeroshot_ecg.png"), full_page=True)
 
 
+def test_archive_browse_and_embedding_map(page, app_url):
+    _tab(page, "Archive")
+    page.wait_for_function("() => /4 items, 0 failures/.test(document.body.innerText)")
+    page.locator("#a-patient input").click()
+    page.locator("#a-patient [role=option]").filter(has_text="ecg").first.click()
+    page.wait_for_function("() => document.querySelector('#a-items').innerText.includes('waveform_ecg')")
+    page.screenshot(path=str(ARTIFACTS / "06_archive.png"), full_page=True)
+
+    _tab(page, "Embedding map")
+    page.locator("#m-draw").click()
+    page.wait_for_function("() => /4 items, PCA/.test(document.body.innerText)")
+    page.locator("#m-plot img").first.wait_for()
+    page.screenshot(path=str(ARTIFACTS / "07_embedding_map.png"), full_page=True)
+
+
 def test_bad_upload_shows_message_not_crash(page, app_url, tmp_path):
     _tab(page, "Explore")
     bad = tmp_path / "truncated.dcm"
@@ -168,5 +183,5 @@ def test_bad_upload_shows_message_not_crash(page, app_url, tmp_path):
     page.locator("#upload input[type=file]").set_input_files(str(bad))
     toast = page.get_by_text(re.compile("truncated.dcm"))
     toast.first.wait_for()
-    page.screenshot(path=str(ARTIFACTS / "06_error_message.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / "08_error_message.png"), full_page=True)
     assert page.locator("#viewer").is_visible()  # the page still works

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from archive_support import make_archive, tiny_model_dir, write_png
 
 from app.cli import main
-from archive_support import make_archive, tiny_model_dir, write_png
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import threading
 
 import numpy as np
 import pytest
+from archive_support import catalog_url
 from sqlalchemy import inspect, select, text
 
-from archive_support import catalog_url
 from data_registry.catalog import (
     Base,
     Catalog,

@@ -65,9 +65,33 @@ def _worker(rank, world, port, out_path):
             dist.all_gather(bufs, padded)
             gathered[k] = torch.cat([b[: h - l_] for b, (l_, h) in zip(bufs, SHARDS)])
         results[name] = (value, gathered)
+    params = _toy_training(rank, world, os.path.dirname(out_path) + f"/loop{rank}")
     if rank == 0:
-        torch.save({k: {"value": v, "grads": g} for k, (v, g) in results.items()}, out_path)
+        torch.save({"losses": {k: {"value": v, "grads": g} for k, (v, g) in results.items()},
+                    "trained": params}, out_path)
     dist.destroy_process_group()
+
+
+def _toy_training(rank, world, out_dir):
+    """A few steps of the shared training loop on this rank's rows of a CLIP toy problem."""
+    from pathlib import Path
+
+    from train.config import RuntimeConfig
+    from train.distributed import DistInfo
+    from train.stages.common import MetricsLog, Runtime, train_loop
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+    torch.manual_seed(rank)  # different init per rank: the loop must broadcast rank 0's
+    proj = torch.nn.Linear(6, 3)
+    opt = torch.optim.AdamW(proj.parameters(), lr=0.05)
+    rows = list(range(rank, 8, world))
+    rt = Runtime(RuntimeConfig(device="cpu", progress=False, grad_clip=0.5), DistInfo(rank=rank, world_size=world),
+                 Path(out_dir))
+    train_loop("toy", rt, {"proj": proj}, opt, 4, 1,
+               lambda step: {"clip_loss": L.clip_loss(proj(x[rows]), y[rows], 3.0)},
+               MetricsLog(Path(out_dir) / "m.csv", rank == 0))
+    return {k: v.detach().clone() for k, v in proj.state_dict().items()}
 
 
 def _free_port():
@@ -79,7 +103,11 @@ def _free_port():
 def test_ddp_two_ranks_match_single_process(tmp_path):
     out = tmp_path / "ddp.pt"
     mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
-    got = torch.load(out, weights_only=True)
+    saved = torch.load(out, weights_only=True)
+    got = saved["losses"]
+    single = _toy_training(0, 1, str(tmp_path / "single"))
+    for k, v in single.items():  # same parameters after DDP training as after one process
+        torch.testing.assert_close(saved["trained"][k], v, rtol=1e-5, atol=1e-6)
     t, sim, ids = _data()
     assert set(got) == set(NAMES)
     for name in got:

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select
-
 from archive_support import (
     FakeModel,
     catalog_url,
@@ -22,6 +20,8 @@ from archive_support import (
     write_png,
     write_wfdb,
 )
+from sqlalchemy import func, select
+
 from data_registry.catalog import Catalog, Embedding, Failure, Item, Patient, Study
 from data_registry.indexer import content_hash, index_archive, wfdb_links
 from data_registry.scan import folder_hint, scan
@@ -116,7 +116,7 @@ def test_content_hash_matches_for_copies_and_ignores_file_names(tmp_path):
     import shutil
 
     shutil.copytree(tmp_path / "s1", tmp_path / "s2")
-    members = lambda d: sorted(f"{d}/{p.name}" for p in (tmp_path / d).iterdir())  # noqa: E731
+    members = lambda d: sorted(f"{d}/{p.name}" for p in (tmp_path / d).iterdir())
     assert content_hash(str(tmp_path), "dicom_series", "s1", members("s1")) == \
         content_hash(str(tmp_path), "dicom_series", "s2", members("s2"))
 
@@ -175,7 +175,7 @@ def test_duplicates_removal_and_promotion(backend, tmp_path):
     assert cat.stats()["items"] == {"cxr": 3} and cat.stats()["duplicates"] == 2
     # the original goes: a copy inherits its vector (same FAISS id), nothing is re-embedded
     with cat.session() as s:
-        eid = s.scalar(select(Embedding.id).join(Item).where(Item.path == "000.png".join(["cxr/", ""])))
+        eid = s.scalar(select(Embedding.id).join(Item).where(Item.path == "cxr/000.png"))
     (root / "cxr" / "000.png").unlink()
     r = index_archive(root, cat, model, workers=0, loader=FAKE)
     assert r["removed"] == 1 and r["added"] == 0 and model.calls == 3
@@ -365,3 +365,19 @@ def test_a_reader_that_kills_its_worker_fails_only_its_file(tmp_path):
         assert s.execute(select(Failure.path, Failure.error)).all() == [
             ("cxr/crash.png", "reader process crashed")]
     faiss_consistent(cat, "fake-0001")
+
+
+def test_two_models_share_a_catalogue_and_the_catalogue_may_sit_in_the_root(tmp_path):
+    root = _png_archive(tmp_path / "a", 4)
+    cat = Catalog(root / "catalog.db")  # inside the archive: its own files are not items
+    m1, m2 = FakeModel(model_id="m-one"), FakeModel(dim=6, model_id="m-two")
+    assert index_archive(root, cat, m1, workers=0, loader=FAKE)["added"] == 4
+    r = index_archive(root, cat, m2, workers=0, loader=FAKE)
+    assert (r["added"], r["failed"], r["total"]) == (4, 0, 4)
+    assert cat.stats()["embeddings"] == {"m-one": 4, "m-two": 4}
+    assert index_archive(root, cat, m1, workers=0, loader=FAKE)["added"] == 0
+    faiss_consistent(cat, "m-one")
+    faiss_consistent(cat, "m-two")
+    assert cat.vector_index("cxr", "m-two").dim == 6
+    with cat.session() as s:
+        assert all(p.startswith("cxr/") for p in s.scalars(select(Item.path)))

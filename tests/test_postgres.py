@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from archive_support import FakeModel, fresh_postgres_db, make_archive, postgres_server
 from sqlalchemy import text
 
-from archive_support import FakeModel, fresh_postgres_db, make_archive, postgres_server
 from data_registry.catalog import Catalog
 from data_registry.indexer import index_archive
 from data_registry.search import search
@@ -59,9 +59,8 @@ def test_vectors_round_trip_exactly(pg_url, tmp_path):
     root = make_archive(tmp_path / "a")
     cat = Catalog(pg_url, index_dir=tmp_path / "idx")
     index_archive(root, cat, FakeModel(), workers=0)
-    from PIL import Image
-
     from archive_support import vector_of
+    from PIL import Image
 
     vecs, _ = cat.load_vectors("retina", "fake-0001")
     with Image.open(root / "fundus" / "eye.png") as im:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from archive_support import FakeModel, make_archive, vector_of, write_png
+
 from data_registry.catalog import Catalog
 from data_registry.indexer import index_archive
 from data_registry.search import search
@@ -97,7 +97,7 @@ def linked(tmp_path):
 
 
 def test_filters_by_patient_study_and_dates(linked):
-    root, cat = linked
+    _, cat = linked
     m = FakeModel()
     q = "text:anything"
     res = search(cat, m, q, "cxr", k=10, patient="PAT-1")["results"]
@@ -130,7 +130,7 @@ def test_same_patient_nearest_in_time(linked):
 
 
 def test_bad_queries(pngs, tmp_path):
-    root, cat = pngs
+    _, cat = pngs
     with pytest.raises(M3BindError, match="unknown target"):
         search(cat, FakeModel(), "text:x", "eeg")
     with pytest.raises(UnsupportedFormat):

@@ -47,7 +47,7 @@ def test_search_pads_with_minus_one_when_fewer_than_k():
     assert sorted(ids[0, :3].tolist()) == [7, 8, 9]
     assert ids[0, 3:].tolist() == [-1, -1] and np.isneginf(scores[0, 3:]).all()
     empty = VectorIndex()
-    s, i = empty.search(unit(rng, 2, 8), 3)
+    _, i = empty.search(unit(rng, 2, 8), 3)
     assert i.shape == (2, 3) and (i == -1).all()
 
 
@@ -115,7 +115,7 @@ def test_save_is_atomic_and_load_rejects_junk(tmp_path, monkeypatch):
     data = path.read_bytes()
     assert data.startswith(MAGIC)
     (tmp_path / "cut.m3idx").write_bytes(data[: len(data) // 2])
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):
         VectorIndex.load(tmp_path / "cut.m3idx")
 
 

@@ -34,13 +34,29 @@ def _tiny_text() -> TextEncoderConfig:
 
 
 @dataclass
+class DatasetSource:
+    """One public data set (a ``data_registry`` adapter) feeding one modality's report pairs."""
+
+    adapter: str = field(default="", metadata=_h("registered adapter name (data_registry.list_datasets())"))
+    root: str = field(default="", metadata=_h("folder holding the data set in its distributor's layout"))
+    options: dict[str, Any] = field(default_factory=dict, metadata=_h(
+        "adapter keyword arguments (seed, val_fraction, test_fraction, ...)"))
+
+    def __post_init__(self):
+        if not self.adapter or not self.root:
+            raise ValueError("a data-set source needs adapter and root")
+
+
+@dataclass
 class DataConfig:
     """Where the modality–report pairs come from."""
 
-    adapter: str = field(default="synthetic", metadata=_h(
-        "data-set adapter: 'synthetic' reads a cohort manifest.csv; other names go through "
-        "data_registry.get(name, root=cohort)"))
-    cohort: str = field(default="runs/cohort", metadata=_h("cohort root (holds manifest.csv for 'synthetic')"))
+    cohort: str = field(default="runs/cohort", metadata=_h(
+        "cohort root holding manifest.csv (the simulated cohort, or any cohort with the same "
+        "columns); also what stage 3 evaluates on"))
+    datasets: dict[str, DatasetSource] = field(default_factory=dict, metadata=_h(
+        "modality -> public data set whose report pairs train that modality (instead of the "
+        "cohort manifest's train split)"))
     generate_patients: int | None = field(default=300, metadata=_h(
         "generate the simulated cohort with this many patients when the manifest is missing; "
         "null = never generate (error instead)"))
@@ -69,6 +85,9 @@ class DataConfig:
             raise ValueError("data.generate_size must be small or full")
         if self.max_train_per_modality is not None and self.max_train_per_modality < 1:
             raise ValueError("data.max_train_per_modality must be >= 1")
+        bad = [m for m in self.datasets if m not in MODALITIES]
+        if bad:
+            raise ValueError(f"data.datasets keys must be modalities, got {bad}")
 
 
 @dataclass
@@ -152,6 +171,8 @@ class DistillConfig:
     head_lr: float = field(default=2e-3, metadata=_h("peak learning rate of the projection head"))
     weight_decay: float = field(default=0.01, metadata=_h("AdamW weight decay"))
     warmup_steps: int = field(default=20, metadata=_h("warm-up steps of each phase"))
+    freeze_embeddings: bool = field(default=True, metadata=_h(
+        "keep the student's token embeddings frozen (faster; the vocabulary stays as pre-trained)"))
 
     def __post_init__(self):
         if self.kd_steps < 0 or self.joint_steps < 0 or self.batch_size < 2 or self.lr <= 0:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from m3bind.errors import ConfigError, M3BindError
 from m3bind.modalities import get_spec
 
-from train.config import DataConfig
+from train.config import DataConfig, DatasetSource
 
 log = logging.getLogger(__name__)
 
@@ -53,41 +53,54 @@ def generator(seed: int, stream: str, index: int) -> torch.Generator:
 def ensure_cohort(cfg: DataConfig) -> Path:
     """The cohort root; the simulated cohort is generated there when its manifest is missing."""
     root = Path(cfg.cohort)
-    if cfg.adapter != "synthetic" or (root / MANIFEST).is_file():
+    if (root / MANIFEST).is_file():
         return root
     if cfg.generate_patients is None:
+        if cfg.datasets:
+            return root
         raise ConfigError("no manifest.csv and data.generate_patients is null", str(root))
     from data_registry import synthetic
 
     log.info("generating the simulated cohort (%d patients, seed %d) in %s",
              cfg.generate_patients, cfg.generate_seed, root)
     synthetic.generate(root, cfg.generate_patients, cfg.generate_seed, size=cfg.generate_size,
-                       **cfg.generate_kwargs)
+                       progress=False, **cfg.generate_kwargs)
     return root
 
 
-def read_items(cfg: DataConfig, root: Path) -> list[dict[str, Any]]:
-    """Manifest rows (dicts with the DESIGN.md columns) of the cohort.
+def _dataset_rows(modality: str, src: DatasetSource) -> list[dict[str, Any]]:
+    """Manifest-style rows of a public data set's items that carry a report."""
+    import data_registry
 
-    ``synthetic`` reads ``manifest.csv``; any other adapter name is looked up with
-    ``data_registry.get(name, root=root)`` and must provide ``records()`` yielding the same columns.
-    """
-    if cfg.adapter == "synthetic":
-        path = root / MANIFEST
-        if not path.is_file():
-            raise ConfigError("cohort has no manifest.csv", str(root))
+    ds = data_registry.get(src.adapter, root=src.root, **src.options)
+    if ds.modality != modality:
+        raise ConfigError(f"data set {src.adapter} holds {ds.modality}, configured for {modality}", src.root)
+    rows = []
+    for i, rec in enumerate(ds):
+        if not rec.report:
+            continue
+        rows.append({"item_id": f"{src.adapter}:{i:07d}", "patient": rec.patient, "modality": modality,
+                     "path": str(rec.path), "label": "", "report": rec.report, "split": rec.split or "train",
+                     "pair_id": ""})
+    return rows
+
+
+def read_items(cfg: DataConfig, root: Path) -> list[dict[str, Any]]:
+    """Manifest rows (dicts with the DESIGN.md columns): the cohort's, with the modalities named
+    in ``cfg.datasets`` replaced by their public data sets' report pairs."""
+    rows: list[dict[str, Any]] = []
+    path = root / MANIFEST
+    if path.is_file():
         with path.open(newline="") as f:
             rows = list(csv.DictReader(f))
-    else:
-        import data_registry
-
-        ds = data_registry.get(cfg.adapter, root=str(root))
-        if not hasattr(ds, "records"):
-            raise ConfigError(f"data-set adapter {cfg.adapter!r} has no records()", str(root))
-        rows = [dict(r) for r in ds.records()]
-    need = {"item_id", "modality", "path", "label", "report", "split"}
-    if rows and not need <= set(rows[0]):
-        raise ConfigError(f"manifest lacks columns {sorted(need - set(rows[0]))}", str(root))
+        need = {"item_id", "modality", "path", "label", "report", "split"}
+        if rows and not need <= set(rows[0]):
+            raise ConfigError(f"manifest lacks columns {sorted(need - set(rows[0]))}", str(path))
+    elif not cfg.datasets:
+        raise ConfigError("cohort has no manifest.csv", str(root))
+    for m, src in cfg.datasets.items():
+        rows = [r for r in rows if not (r["modality"] == m and r["split"] == "train")]
+        rows += [r for r in _dataset_rows(m, src) if r["split"] == "train"]
     return rows
 
 

@@ -278,7 +278,11 @@ def render_markdown(report: dict) -> str:
                                             ["few-shot support pool", *(n_sup.get(m, 0) for m in n_test)]])]
     cfg = report.get("config", {})
     lines += ["", f"Bootstrap: {cfg.get('bootstrap')} resamples, percentile "
-              f"{int(100 * cfg.get('ci_level', 0.95))}% intervals over test items (queries).", ""]
+              f"{int(100 * cfg.get('ci_level', 0.95))}% intervals over test items (queries)."]
+    if report.get("timing_seconds"):
+        lines.append("Evaluation time: " + ", ".join(
+            f"{k} {v:.0f} s" for k, v in report["timing_seconds"].items()) + ".")
+    lines.append("")
     for section in (_zeroshot, _fewshot, _retrieval, _cross_modal, _openi, _figures):
         part = section(report)
         if part:

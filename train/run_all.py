@@ -92,6 +92,14 @@ def _check_out_dir(cfg: TrainConfig, out: Path) -> None:
         atomic_write_json(f, {"fingerprint": fp})
 
 
+def _cohort_is_simulated(root: Path) -> bool:
+    info = root / "cohort.json"
+    try:
+        return bool(json.loads(info.read_text()).get("simulated", False)) if info.is_file() else False
+    except (OSError, ValueError):
+        return False
+
+
 def _save_model(model: BoundModel, path: Path, provenance: dict, rt: Runtime) -> None:
     if rt.dist.is_main:
         model.save(path, provenance=provenance)
@@ -135,8 +143,9 @@ def run(cfg: TrainConfig, out: Path) -> dict[str, Any]:
     metrics = MetricsLog(out / "metrics.csv", info.is_main, cfg.runtime.tensorboard)
     summary_path = out / "train_summary.json"
     summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    summary.update(data={"cohort": str(root), "adapter": cfg.data.adapter, "train_sizes": sizes,
-                         "simulated": cfg.data.adapter == "synthetic"})
+    simulated = not cfg.data.datasets and _cohort_is_simulated(root)
+    summary.update(data={"cohort": str(root), "datasets": {m: s.adapter for m, s in cfg.data.datasets.items()},
+                         "train_sizes": sizes, "simulated": simulated})
     base_prov = {"run": cfg.name, "config": to_dict(cfg), "data": summary["data"],
                  "fingerprint": training_fingerprint(cfg)}
 

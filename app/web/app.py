@@ -84,6 +84,14 @@ def _describe(sample) -> str:
     return f"**{name}** — {SPECS[m].title}{guess}"
 
 
+def _title(m: str) -> str:
+    return f"{SPECS[m].title} ({m})" if m in SPECS else m
+
+
+def _modality_order(m: str) -> int:
+    return MODALITIES.index(m) if m in MODALITIES else len(MODALITIES)
+
+
 def build_app(services: Services) -> gr.Blocks:
     """The app's ``gr.Blocks`` over ``services``."""
     with gr.Blocks(title="m3bind — clinical exploration", analytics_enabled=False) as demo:
@@ -129,9 +137,9 @@ def build_app(services: Services) -> gr.Blocks:
                             preset = gr.Radio(list(views.WINDOW_PRESETS), value=views.AUTO_WINDOW,
                                               label="Window preset", visible=False,
                                               elem_id="preset")
-                        tiles = gr.Gallery(label="Tissue tiles (click to zoom)", columns=6,
+                        tiles = gr.Gallery(label="Tissue tiles (click one to zoom)", columns=6,
                                            height=360, visible=False, object_fit="contain",
-                                           elem_id="tiles")
+                                           fit_columns=False, elem_id="tiles")
 
             # ---------------------------------------------------------- Zero-shot
             with gr.Tab("Zero-shot", id="zeroshot"):
@@ -145,6 +153,11 @@ def build_app(services: Services) -> gr.Blocks:
                         with gr.Row():
                             zs_run = gr.Button("Classify", variant="primary", elem_id="zs-run")
                             zs_reset = gr.Button("Default labels and prompts")
+                        zs_mode = gr.Radio(["ensemble", "naive", "expert"], value="ensemble",
+                                           label="Prompting",
+                                           info="ensemble: mean over the templates; naive: the "
+                                                "label alone; expert: the modality's descriptions "
+                                                "of each finding")
                         with gr.Accordion("Prompt sets", open=False):
                             with gr.Row():
                                 ps_name = gr.Textbox(label="Name", scale=2)
@@ -170,8 +183,8 @@ def build_app(services: Services) -> gr.Blocks:
                                         scale=2, elem_id="s-text")
                     s_text_go = gr.Button("Search text", elem_id="s-text-go")
                 s_gallery = gr.Gallery(label="Results, best first (click one to select it)", columns=4,
-                                       height="auto", object_fit="contain", preview=False,
-                                       allow_preview=True, elem_id="s-gallery")
+                                       height=380, object_fit="contain", preview=False,
+                                       allow_preview=True, fit_columns=False, elem_id="s-gallery")
                 s_table = gr.Dataframe(headers=["rank", "similarity", "modality", "patient", "study",
                                                 "date", "file"],
                                        label="Results (click a row to select it)", interactive=False,
@@ -207,7 +220,8 @@ def build_app(services: Services) -> gr.Blocks:
                                         label="Colour by")
                     m_method = gr.Radio(["PCA", "t-SNE"], value="PCA", label="Projection")
                     m_draw = gr.Button("Draw", variant="primary", elem_id="m-draw")
-                m_plot = gr.Plot(label="Archive items in the shared space (2D projection)")
+                m_plot = gr.Plot(label="Archive items in the shared space (2D projection)",
+                                 elem_id="m-plot")
                 m_note = gr.Markdown("")
 
         api.add_endpoints(services)
@@ -274,10 +288,10 @@ def build_app(services: Services) -> gr.Blocks:
 
         # -------------------------------------------------------------- zero-shot
         @guarded
-        def classify(sample, labels, templates):
+        def classify(sample, labels, templates, mode):
             if sample is None:
                 raise gr.Error("open an item in Explore first", print_exception=False)
-            scores = services.zeroshot(sample, _split_labels(labels), _split_lines(templates))
+            scores = services.zeroshot(sample, _split_labels(labels), _split_lines(templates), mode=mode)
             return {lbl: s for lbl, s in scores}
 
         @guarded
@@ -304,7 +318,7 @@ def build_app(services: Services) -> gr.Blocks:
             ps = sets[name]
             return ", ".join(ps.get("labels", [])), "\n".join(ps.get("templates", []))
 
-        zs_run.click(classify, [sample_state, zs_labels, zs_templates], zs_out)
+        zs_run.click(classify, [sample_state, zs_labels, zs_templates, zs_mode], zs_out)
         zs_reset.click(reset_prompts, [sample_state], [zs_labels, zs_templates])
         ps_save.click(save_set, [ps_name, sample_state, zs_labels, zs_templates], ps_pick)
         ps_load.click(load_set, [ps_pick], [zs_labels, zs_templates])
@@ -379,9 +393,16 @@ def build_app(services: Services) -> gr.Blocks:
             counts = archive_api.counts(cat)
             failed = archive_api.failures(cat)
             items = archive_api.items(cat, root=services.archive_root)
-            patients = sorted({i["patient"] for i in items if i["patient"]})
+            by_patient: dict[str, list[str]] = {}
+            for i in items:
+                if i["patient"]:
+                    by_patient.setdefault(i["patient"], []).append(i["modality"])
+            patients = [(f"{p} — {len(ms)} item{'s' if len(ms) > 1 else ''}: "
+                         f"{', '.join(sorted(set(ms), key=_modality_order))}", p)
+                        for p, ms in sorted(by_patient.items())]
             picks = [(archive_api.item_label(i), i["path"]) for i in items]
-            return ([[m, n] for m, n in counts.items()], [[f["path"], f["error"]] for f in failed],
+            return ([[_title(m), n] for m, n in counts.items()],
+                    [[f["path"], f["error"]] for f in failed],
                     gr.update(choices=patients), gr.update(choices=picks),
                     f"{sum(counts.values())} items, {len(failed)} failures")
 

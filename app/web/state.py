@@ -234,7 +234,7 @@ class Services:
         return np.asarray(model.embed([sample]))[0]
 
     def zeroshot(self, sample, labels: list[str] | None = None,
-                 templates: list[str] | None = None) -> list[tuple[str, float]]:
+                 templates: list[str] | None = None, mode: str = "ensemble") -> list[tuple[str, float]]:
         """Zero-shot scores (softmax, best first) with :func:`m3bind.zeroshot.classify`."""
         from m3bind.zeroshot import classify
 
@@ -246,7 +246,7 @@ class Services:
                 raise ConfigError(f"prompt template without {{}} placeholder: {t!r}")
         emb = self.embed(sample)
         scores = classify(self.model, emb, labels=labels, modality=sample.modality,
-                          templates=list(templates) if templates else None)
+                          templates=list(templates) if templates else None, mode=mode)
         return [(str(lbl), float(s)) for lbl, s in scores]
 
     # ------------------------------------------------------------ prompt sets

@@ -55,10 +55,10 @@ def _read_nifti(path: Path, modality: str | None, **_: object) -> Sample:
 
 
 @READERS.register("wfdb")
-def _read_wfdb(path: Path, modality: str | None, **_: object) -> Sample:
+def _read_wfdb(path: Path, modality: str | None, *, keep_phi: bool = False, **_: object) -> Sample:
     from m3bind.io.wfdb_reader import read_wfdb
 
-    return read_wfdb(path)
+    return read_wfdb(path, keep_phi=keep_phi)
 
 
 def _read_photo(path: Path, modality: str | None, *, fmt: str, **_: object) -> Sample:
@@ -84,6 +84,23 @@ FORMAT_MODALITIES: dict[str, tuple[str, ...]] = {
     "nifti": ("ct", "mri"), "wfdb": ("ecg",), "wsi": ("pathology",),
     **{f: ("cxr", "retina", "pathology") for f in ("png", "jpeg", "tiff")},
 }
+
+
+def _finite(sample: Sample) -> None:
+    """Replace NaN/inf in a float array by 0 (noted in ``meta["nonfinite_values"]``).
+
+    Damaged headers (a rescale intercept of 1e308, an overflowing gain) turn finite stored
+    values into inf; preprocessing, windows and models need finite numbers.
+    """
+    import numpy as np
+
+    a = sample.array
+    if isinstance(a, np.ndarray) and a.dtype.kind == "f":
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if bad:
+            log.warning("%d non-finite values replaced by 0 (%s)", bad, sample.path)
+            sample.array = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+            sample.meta["nonfinite_values"] = sample.meta.get("nonfinite_values", 0) + bad
 
 
 def load(path: str | os.PathLike, modality: str | None = None, *, keep_phi: bool = False,
@@ -124,5 +141,6 @@ def load(path: str | os.PathLike, modality: str | None = None, *, keep_phi: bool
         raise CorruptFile(f"cannot read: {type(e).__name__}: {e}", path) from None
     if found is not None and modality is None and sample.modality is None:
         sample.modality = found
+    _finite(sample)
     log.debug("loaded %s: %s %s %s", p, sample.format, sample.modality, sample.shape)
     return sample

@@ -57,17 +57,39 @@ _PHI_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientID
 
 
 # ---------------------------------------------------------------------------- header helpers
+class _ClampedFile:
+    """A binary file whose ``read(n)`` never asks for more than what is left of the file.
+
+    pydicom reads an element with ``fp.read(length)`` where ``length`` comes from the file;
+    CPython allocates ``length`` bytes before reading, so a damaged length of 4 GiB would
+    allocate 4 GiB for a file of a few kilobytes (found by fuzzing).
+    """
+
+    def __init__(self, f, size: int):
+        self._f, self._size = f, size
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0:
+            return self._f.read()
+        return self._f.read(max(0, min(n, self._size - self._f.tell())))
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
 def read_header(path: str | os.PathLike, *, pixels: bool = False):
     """Parse a DICOM file (without pixel data unless ``pixels``); one-line errors on junk."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    check_file(path)
+    size = check_file(path)
     try:
-        return pydicom.dcmread(path, stop_before_pixels=not pixels)
+        with open(path, "rb") as f:
+            return pydicom.dcmread(_ClampedFile(f, size), stop_before_pixels=not pixels)
     except InvalidDicomError:
         try:  # no preamble / file meta: accept only if it parses into something with a SOP class
-            ds = pydicom.dcmread(path, stop_before_pixels=not pixels, force=True)
+            with open(path, "rb") as f:
+                ds = pydicom.dcmread(_ClampedFile(f, size), stop_before_pixels=not pixels, force=True)
         except Exception as e:  # noqa: BLE001
             raise CorruptFile(f"not a readable DICOM file: {e}", path) from None
         if "SOPClassUID" not in ds and "Modality" not in ds:
@@ -181,7 +203,9 @@ def _decode(ds, path) -> np.ndarray:
         return np.asarray(ds.pixel_array)
     except MemoryError:
         raise CorruptFile("pixel data too large to decode", path) from None
-    except Exception as e:  # noqa: BLE001 - codec errors are many and varied
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - codec errors are many; Rust codecs panic with a BaseException (fuzzing)
         ts = getattr(getattr(ds, "file_meta", {}).get("TransferSyntaxUID"), "name", "unknown syntax")
         raise CorruptFile(f"cannot decode pixel data ({ts}): {e}", path) from None
 

@@ -41,13 +41,30 @@ def _load_canonical(path: Path):
         raise UnsupportedFormat(f"NIfTI image of shape {shape} is not a 3D or 4D volume", path)
     check_pixels(int(np.prod(shape, dtype=np.int64)), path, "NIfTI volume")
     try:
+        source_affine = img.affine
         img = nib.as_closest_canonical(img)
         data = np.asarray(img.dataobj, dtype=np.float32)
     except (EOFError, zlib.error, OSError, ValueError) as e:
         raise CorruptFile(f"truncated or damaged NIfTI data: {e}", path) from None
-    unit = img.header.get_xyzt_units()[0] or "unknown"
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - nibabel's HeaderDataError, OrientationError on damaged affines (fuzzing)
+        raise CorruptFile(f"damaged NIfTI header: {type(e).__name__}: {' '.join(str(e).split())[:120]}", path) from None
+    try:
+        unit = img.header.get_xyzt_units()[0] or "unknown"
+    except KeyError:  # an xyzt_units code nibabel does not know (fuzzing)
+        unit = "unknown"
     zooms = [float(z) * _TO_MM.get(unit, 1.0) for z in img.header.get_zooms()[:3]]
-    return img, data, zooms
+    return img, data, zooms, source_affine
+
+
+def _axcodes(affine) -> str | None:
+    import nibabel as nib
+
+    try:
+        return "".join(str(c) for c in nib.aff2axcodes(affine))
+    except Exception:  # noqa: BLE001 - a degenerate affine has no orientation
+        return None
 
 
 def _to_zyx(data: np.ndarray) -> np.ndarray:
@@ -76,7 +93,7 @@ def read_nifti(path: str | os.PathLike, modality: str | None = None) -> Sample:
         UnsupportedFormat: Not a 3D/4D volume.
     """
     path = Path(path)
-    img, data, zooms = _load_canonical(path)
+    img, data, zooms, source_affine = _load_canonical(path)
     arr = _to_zyx(data)
     bad = int(np.count_nonzero(~np.isfinite(arr)))
     if bad:  # NaN-masked maps are common in NIfTI; models and windows need finite values
@@ -87,7 +104,7 @@ def read_nifti(path: str | os.PathLike, modality: str | None = None) -> Sample:
     import nibabel as nib
 
     meta = {
-        "source_orientation": "".join(nib.aff2axcodes(nib.load(str(path)).affine)),
+        "source_orientation": _axcodes(source_affine),
         "orientation": "RAS canonical, array [Z(I->S), Y(A->P), X(R->L)]",
         "description": img.header.get("descrip").tobytes().split(b"\x00")[0].decode("latin-1", "replace") or None,
         "shape_xyz": list(data.shape[:3]),

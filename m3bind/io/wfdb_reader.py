@@ -58,17 +58,30 @@ def parse_comments(comments: list[str]) -> dict[str, str]:
     return out
 
 
+def _confined(name: str, hea: Path) -> None:
+    """Refuse a file name from a header that would resolve outside the record's folder."""
+    if not name or "/" in name or "\\" in name or name in (".", "..") or os.path.isabs(name):
+        raise CorruptFile(f"WFDB header names a file outside the record folder: {name!r}", hea)
+
+
 def _check_signal_files(header, base: Path) -> None:
     names = getattr(header, "file_name", None) or []
+    hea = base.with_name(base.name + ".hea")
     for n in sorted(set(names)):
+        _confined(str(n), hea)
         f = base.parent / n
         if not f.exists():
             raise CorruptFile(f"WFDB signal file {n} is missing", base.with_name(base.name + ".hea"))
         check_file(f)
 
 
-def read_wfdb(path: str | os.PathLike) -> Sample:
+def read_wfdb(path: str | os.PathLike, *, keep_phi: bool = False) -> Sample:
     """Read a WFDB record as a 12-lead ECG :class:`Sample` in mV.
+
+    Header comments are free text that often carries identifiers (``Patient: ...``,
+    ``Name: ...``): only the age, sex and diagnosis parsed from them enter ``meta``, unless
+    ``keep_phi``, which keeps the raw comments and every parsed key under ``meta["phi"]``.
+    Signal file names are confined to the record's folder (no ``../`` or absolute names).
 
     Raises:
         UnsupportedFormat: No header, or no channel that is one of the 12 leads.
@@ -86,6 +99,8 @@ def read_wfdb(path: str | os.PathLike) -> Sample:
         raise CorruptFile(f"unreadable WFDB header: {e}", hea) from None
     if isinstance(header, wfdb.MultiRecord):
         for seg in header.seg_name or []:
+            if seg != "~":
+                _confined(str(seg), hea)
             if seg != "~" and not (base.parent / f"{seg}.hea").exists():
                 raise CorruptFile(f"WFDB segment header {seg}.hea is missing", hea)
     else:
@@ -128,8 +143,12 @@ def read_wfdb(path: str | os.PathLike) -> Sample:
     meta = {
         "record": base.name, "lead_mask": mask, "source_leads": names, "units": "mV",
         "source_units": units, "extra_leads": [n for n in names if canonical_lead(n) is None],
-        "duration_s": out.shape[1] / float(rec.fs), "comments": comments, "header": parsed,
+        "duration_s": out.shape[1] / float(rec.fs),
+        "header": {k: v for k, v in parsed.items() if k in _COMMENT_KEYS},
+        "n_comments": len(comments),
     }
+    if keep_phi:
+        meta["phi"] = {"comments": comments, "header": parsed}
     for k, v in parsed.items():
         if k in _COMMENT_KEYS:
             meta.setdefault(_COMMENT_KEYS[k], v)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from m3bind.errors import CorruptFile, UnsupportedFormat
+from m3bind.errors import CorruptFile, TooLarge, UnsupportedFormat
 from m3bind.io.limits import LIMITS, check_pixels
 from m3bind.io.sample import Sample
 from m3bind.modalities import PATHOLOGY
@@ -31,11 +31,56 @@ log = logging.getLogger(__name__)
 THUMBNAIL_SIZE = 1024
 
 
+#: Largest TIFF tile OpenSlide may be asked to allocate (4096 x 4096), and largest level side.
+MAX_TILE_PIXELS = 2**24
+MAX_SIDE = 2**20
+#: Most grid cells of one tiling (a 200k x 100k slide at 20x in 224-px tiles has ~4e5).
+MAX_GRID_CELLS = 2**24
+
+
+def check_tiff_geometry(path: Path) -> None:
+    """Refuse TIFF-based slides whose tags would make OpenSlide allocate without bound.
+
+    OpenSlide allocates a whole tile (``TileWidth * TileLength * 4`` bytes) through GLib,
+    which aborts the process when the allocation fails: a slide whose TileLength reads 2e9
+    kills the app or the indexer instead of raising (found by fuzzing). The tags are
+    checked here first, with tifffile, which reads them lazily.
+    """
+    import tifffile
+
+    with open(path, "rb") as f:
+        if f.read(4) not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+            return
+    size = os.path.getsize(path)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            for i, page in enumerate(tif.pages):
+                if i >= 64:
+                    break
+                w, h = int(page.imagewidth), int(page.imagelength)
+                if w > MAX_SIDE or h > MAX_SIDE:
+                    raise TooLarge(f"slide level of {w} x {h} pixels exceeds {MAX_SIDE} per side", path)
+                tw, th = int(page.tilewidth or 0), int(page.tilelength or 0)
+                if page.is_tiled and (tw <= 0 or th <= 0 or tw * th > MAX_TILE_PIXELS):
+                    raise CorruptFile(f"slide tile of {tw} x {th} pixels in page {i}", path)
+                if not page.is_tiled and i == 0:
+                    rows = min(int(page.rowsperstrip or h), h)
+                    check_pixels(rows * w * 4, path, "slide strip")
+                for off, n in zip(page.dataoffsets, page.databytecounts):
+                    if off + n > size:
+                        raise CorruptFile(f"slide data of page {i} lies beyond the end of the file", path)
+    except (TooLarge, CorruptFile):
+        raise
+    except Exception as e:  # noqa: BLE001 - tifffile raises TiffFileError, ValueError, struct.error ...
+        raise CorruptFile(f"damaged TIFF structure: {type(e).__name__}: {e}", path) from None
+
+
 def _open(path: Path):
     import openslide
 
     if not os.access(path, os.R_OK) and path.exists():
         raise CorruptFile("permission denied, cannot read file", path)
+    check_tiff_geometry(path)
     try:
         return openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:
@@ -94,6 +139,21 @@ def tissue_mask(rgb: np.ndarray) -> tuple[np.ndarray, float]:
     return (sat > t) & (val > 0.15), t
 
 
+def _cell_fractions(mask: np.ndarray, rows: int, cols: int, cell_y: float, cell_x: float) -> np.ndarray:
+    """Tissue fraction of each grid cell: the mean of ``mask`` over thumbnail pixels
+    ``[int(r*cell_y), max(y0+1, int((r+1)*cell_y)))`` x likewise for columns (summed-area table)."""
+    sat = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
+    sat[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
+    r, c = np.arange(rows), np.arange(cols)
+    y0 = np.minimum((r * cell_y).astype(np.int64), mask.shape[0] - 1)
+    x0 = np.minimum((c * cell_x).astype(np.int64), mask.shape[1] - 1)
+    y1 = np.minimum(np.maximum(y0 + 1, ((r + 1) * cell_y).astype(np.int64)), mask.shape[0])
+    x1 = np.minimum(np.maximum(x0 + 1, ((c + 1) * cell_x).astype(np.int64)), mask.shape[1])
+    total = sat[y1][:, x1] - sat[y0][:, x1] - sat[y1][:, x0] + sat[y0][:, x0]
+    area = (y1 - y0)[:, None] * (x1 - x0)[None, :]
+    return total / area
+
+
 def read_slide(path: str | os.PathLike, *, magnification: float = 20.0, tile_size: int = 224,
                max_tiles: int | None = 64, min_tissue: float = 0.5) -> Sample:
     """Read a whole-slide image: thumbnail, metadata and tissue tiles at ``magnification``.
@@ -143,14 +203,11 @@ def read_slide(path: str | os.PathLike, *, magnification: float = 20.0, tile_siz
         mask, thr = tissue_mask(thumb)
         sy, sx = thumb.shape[0] / h0, thumb.shape[1] / w0
         rows, cols = h0 // tile0, w0 // tile0
-        cells = []
-        for r in range(rows):
-            for c in range(cols):
-                y0, x0 = int(r * tile0 * sy), int(c * tile0 * sx)
-                y1, x1 = max(y0 + 1, int((r + 1) * tile0 * sy)), max(x0 + 1, int((c + 1) * tile0 * sx))
-                frac = float(mask[y0:y1, x0:x1].mean())
-                if frac >= min_tissue:
-                    cells.append((frac, r, c))
+        if rows * cols > MAX_GRID_CELLS:
+            raise TooLarge(f"tiling of {rows} x {cols} cells exceeds {MAX_GRID_CELLS}", path)
+        frac = _cell_fractions(mask, rows, cols, tile0 * sy, tile0 * sx)
+        rr, cc = np.nonzero(frac >= min_tissue)
+        cells = [(float(frac[r, c]), int(r), int(c)) for r, c in zip(rr, cc)]
         cap = LIMITS.max_tiles if max_tiles is None else min(max_tiles, LIMITS.max_tiles)
         cells.sort(key=lambda t: (-t[0], t[1], t[2]))
         chosen = cells[:cap]

@@ -69,6 +69,8 @@ def run_distill(cfg: TrainConfig, bound: dict[str, ModalityCLIP], train: dict[st
     student = build_student(cfg, rt.seed("init", 100)).to(rt.device)
     for p in student.parameters():
         p.requires_grad_(True)
+    if dc.freeze_embeddings and hasattr(student, "backbone") and hasattr(student.backbone, "get_input_embeddings"):
+        student.backbone.get_input_embeddings().weight.requires_grad_(False)
     texts = sorted({t for pool in pools.values() for t in pool})
     row = {t: i for i, t in enumerate(texts)}
     table = _text_table(bound, texts, rt)
@@ -78,11 +80,10 @@ def run_distill(cfg: TrainConfig, bound: dict[str, ModalityCLIP], train: dict[st
     kd = OBJECTIVES.get("seskd_kd")
     joint = OBJECTIVES.get("seskd")
 
-    def kd_terms(step: int, stream: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        batch = sampler.sample(step + (0 if stream == "kd" else 10**7), dc.batch_size)[rank::world]
+    def kd_step(step: int) -> dict[str, torch.Tensor]:
+        batch = sampler.sample(step, dc.batch_size)[rank::world]
         idx = torch.tensor([row[t] for t in batch])
-        s_emb = student_embed(batch)
-        return kd(s_emb, {m: table[m][idx].to(rt.device) for m in mods}), s_emb
+        return kd(student_embed(batch), {m: table[m][idx].to(rt.device) for m in mods})
 
     def student_embed(batch: list[str]) -> torch.Tensor:
         tok = {k: v.to(rt.device) for k, v in student.tokenize(batch).items()}
@@ -91,7 +92,7 @@ def run_distill(cfg: TrainConfig, bound: dict[str, ModalityCLIP], train: dict[st
     summary: dict[str, Any] = {"shared_texts": len(texts)}
     opt = _optimizer(student, cfg)
     summary["kd"] = train_loop("distill_kd", rt, {"student": student}, opt, dc.kd_steps, dc.warmup_steps,
-                               lambda step: kd_terms(step, "kd")[0], metrics)
+                               kd_step, metrics)
     if dc.joint_steps > 0:
         images = {}
         for m in mods:

@@ -27,6 +27,7 @@ import datetime as _dt
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -514,6 +515,14 @@ def evaluate(models: dict[str, Any], cohort_root: str | Path, out_dir: str | Pat
     models = _ordered(models)
     root, out = Path(cohort_root), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    timing: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(phase: str) -> None:
+        now = time.perf_counter()
+        timing[phase] = round(now - clock[0], 2)
+        clock[0] = now
+        log.info("evaluation: %s took %.1f s", phase, timing[phase])
     items = read_items(root)
     simulated = cfg.simulated if cfg.simulated is not None else detect_simulated(root, items)
     covered = set().union(*(set(m.modalities) for m in models.values()))
@@ -542,6 +551,7 @@ def evaluate(models: dict[str, Any], cohort_root: str | Path, out_dir: str | Pat
                 by_label.setdefault(it.label, []).append(it)
         pool[m] = [v[i] for v in by_label.values()
                    for i in sorted(rng.permutation(len(v))[: cfg.fewshot_pool_per_class])]
+    lap("read manifest")
     cache = EmbeddingCache(models, root, cfg.batch_size, loader)
     for m in mods:
         test[m] = cache.ensure(test[m], f"{m} test")
@@ -550,6 +560,7 @@ def evaluate(models: dict[str, Any], cohort_root: str | Path, out_dir: str | Pat
             notes.append(f"{m}: fewer than 2 readable test items; not evaluated")
     mods = [m for m in mods if len(test[m]) >= 2]
 
+    lap("read and embed items")
     metrics: dict[str, dict] = {s: {} for s in models}
     confusions: dict[str, dict[str, np.ndarray]] = {s: {} for s in models}
     for stage, model in tqdm(models.items(), desc="evaluate", leave=False):
@@ -581,6 +592,7 @@ def evaluate(models: dict[str, Any], cohort_root: str | Path, out_dir: str | Pat
             metrics[stage][m] = entry
         _cross_modal(stage, model, mods, test, cache, cfg, metrics[stage], notes)
 
+    lap("image tasks")
     reference: dict[str, Any] = {}
     if cfg.openi_reports:
         _openi(models, cache, cfg, metrics, reference, notes)
@@ -603,11 +615,14 @@ def evaluate(models: dict[str, Any], cohort_root: str | Path, out_dir: str | Pat
         "notes": notes,
         "plots": {},
     }
+    lap("clinical text")
+    report["timing_seconds"] = timing
     if cfg.plots:
         from train import plots
 
         report["plots"] = plots.make_all(report, confusions, _tsne_inputs(models, mods, test, cache),
                                          out / "plots", cfg)
+        lap("plots")
     report = _clean(report)
     from train.report import render_markdown
 
