@@ -17,23 +17,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
-from contextlib import nullcontext  # noqa: E402
+import argparse
+import json
+import logging
+import os
+import time
+from contextlib import nullcontext
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from m3bind.modalities import get_spec  # noqa: E402
-
-from train.config import load_train_config  # noqa: E402
-from train.data import preprocess_params  # noqa: E402
-from train.losses import OBJECTIVES  # noqa: E402
+from m3bind.modalities import get_spec
+from train.config import load_train_config
+from train.data import preprocess_params
+from train.losses import OBJECTIVES
 
 log = logging.getLogger("bench_train")
 
@@ -96,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     bf16 = device.type == "cuda" and cfg.runtime.bf16
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
 
+    from train.distributed import DistInfo
     from train.stages.bind import add_lora
     from train.stages.common import Runtime
     from train.stages.distill import build_student
     from train.stages.pretrain import build_teacher, encode_images
-    from train.distributed import DistInfo
 
     rt = Runtime(cfg.runtime, DistInfo(device=str(device)), Path("."))
     mods = list(cfg.data.modalities)

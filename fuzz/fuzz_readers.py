@@ -40,6 +40,7 @@ import platform
 import random
 import shutil
 import signal
+import struct
 import sys
 import tempfile
 import time
@@ -174,8 +175,12 @@ def mutate(reader: str, rng: random.Random, files: dict[str, bytes]) -> tuple[di
                 f = mu.png_chunk
             else:
                 f = mu.jpeg_segment
-            data, what = f(rng, data), f.__name__
-        if what is None:
+            try:
+                data, what = f(rng, data), f.__name__
+            except (IndexError, struct.error, ValueError):  # a mutator tripping on earlier damage
+                data, what = None, None
+        if what is None or data is None:
+            data = files[main]
             f = rng.choice(mu.GENERIC)
             data, what = f(rng, data), f.__name__
         files[main] = data

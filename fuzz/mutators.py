@@ -212,7 +212,7 @@ def jpeg_segment(rng: random.Random, data: bytes) -> bytes:
         b[i + 2:i + 4] = struct.pack(">H", interesting(rng, 16))
     else:
         i, _m, n = rng.choice(segs)
-        if n > 2:
+        if n > 2 and i + 4 + n - 2 <= len(b):
             b[i + 4 + rng.randrange(n - 2)] = rng.randrange(256)
     return bytes(b)
 

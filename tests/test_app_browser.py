@@ -80,11 +80,12 @@ def _tab(pg, name: str) -> None:
 
 
 def _upload(pg, path: Path) -> None:
-    before = pg.locator("#viewer img").get_attribute("src") if pg.locator("#viewer img").count() else None
+    """Upload ``path`` in Explore and wait until it is open (the header names it as uploaded)."""
     pg.locator("#upload input[type=file]").set_input_files(str(path))
     pg.wait_for_function(
-        "(b) => { const i = document.querySelector('#viewer img'); return i && i.src && i.src !== b; }",
-        arg=before)
+        "(n) => { const t = document.querySelector('#item').innerText;"
+        " return t.includes(n) && t.includes('uploaded'); }", arg=path.name)
+    pg.locator("#viewer img").wait_for()
 
 
 def _scores(pg) -> dict[str, float]:
@@ -134,7 +135,7 @@ def test_cxr_upload_view_zeroshot_and_search(page, app_url):
     page.locator("#s-table [role=gridcell]").filter(has_text="waveform_ecg").first.click()
     page.wait_for_function("() => document.body.innerText.includes('Selected #1')")
     page.locator("#s-open").click()
-    page.wait_for_function("() => document.querySelector('#item').innerText.includes('waveform_ecg')")
+    page.wait_for_function("() => document.querySelector('#item').innerText.includes('archive: ecg/')")
     assert page.get_by_role("tab", name="Explore").get_attribute("aria-selected") == "true"
 
 
@@ -143,7 +144,7 @@ def test_ecg_upload_zeroshot_with_edited_labels(page, app_url):
 
     _tab(page, "Explore")
     _upload(page, app_url["ecg"])
-    page.wait_for_function("() => document.querySelector('#item').innerText.includes('12-lead ECG')")
+    assert "12-lead ECG" in page.locator("#item").inner_text()
     meta = page.locator("#meta").inner_text()
     assert "V6" in meta and "Hz" in meta
     page.screenshot(path=str(ARTIFACTS / "04_explore_ecg.png"), full_page=True)

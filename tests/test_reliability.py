@@ -64,13 +64,26 @@ def test_dicom_rescale_overflow_gives_finite_volume(sample_file, tmp_path):
 def test_rle_codec_panic_is_a_corrupt_file(sample_file, tmp_path):
     """Finding: the Rust RLE decoder panics (a BaseException, not an Exception) on damaged segments."""
     data = bytearray(sample_file("mr_rle").read_bytes())
-    frag = data.find(b"\xfe\xff\x00\xe0", data.find(b"\xe0\x7f\x10\x00") + 12) + 8  # after the offset table
+    bot = data.find(b"\xfe\xff\x00\xe0", data.find(b"\xe0\x7f\x10\x00"))  # basic offset table item
+    frag = data.find(b"\xfe\xff\x00\xe0", bot + 8) + 8  # the first fragment: the RLE header
     assert frag > 8 and struct.unpack("<I", data[frag:frag + 4])[0] == 2  # RLE header: 2 segments
-    i = frag + 328  # inside the first segment's run-length codes: the 32-bit value the fuzzer spliced in
+    i = frag + 324  # inside the first segment's run-length codes: the 32-bit value the fuzzer spliced in
     data[i:i + 4] = bytes([234, 254, 193, 185])
     p = tmp_path / "rle.dcm"
     p.write_bytes(bytes(data))
     with pytest.raises(M3BindError):
+        m3bind.io.load(p)
+
+
+def test_dicom_damaged_vr_is_a_corrupt_file(sample_file, tmp_path):
+    """Finding: a VR of ``U\\x1f`` in (0020,000E) raised NotImplementedError on first access."""
+    data = bytearray(sample_file("mr_jpegls").read_bytes())
+    i = data.find(b"\x20\x00\x0e\x00UI")  # SeriesInstanceUID, explicit VR
+    assert i > 0
+    data[i + 5] = 0x1F
+    p = tmp_path / "vr.dcm"
+    p.write_bytes(bytes(data))
+    with pytest.raises(CorruptFile, match="damaged DICOM element"):
         m3bind.io.load(p)
 
 
@@ -255,9 +268,9 @@ def test_no_pickle_loading_in_the_code():
 # ------------------------------------------------------------------------------ model directories
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from m3bind.testing import build_tiny_model
+    from app.web.testing import tiny_model_dir
 
-    return build_tiny_model(tmp_path_factory.mktemp("rel_model") / "model", modalities=("cxr", "ecg"), dim=16)
+    return tiny_model_dir(tmp_path_factory.getbasetemp())  # built once per session, shared with test_phi
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -268,7 +281,7 @@ def _copy(src: Path, dst: Path) -> Path:
 def test_model_dir_loads_untampered(tiny_model):
     from m3bind.model import load_model
 
-    assert load_model(tiny_model).dim == 16
+    assert load_model(tiny_model).dim > 0
 
 
 def test_model_dir_with_tampered_weights_refused(tiny_model, tmp_path):

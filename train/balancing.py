@@ -15,7 +15,7 @@ which variant was used).
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 
 def _check(sizes: Mapping[str, int]) -> None:

@@ -16,10 +16,11 @@ import hashlib
 import json
 import logging
 import zlib
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,6 @@ from tqdm.auto import tqdm
 
 from m3bind.errors import ConfigError, M3BindError
 from m3bind.modalities import get_spec
-
 from train.config import DataConfig, DatasetSource
 
 log = logging.getLogger(__name__)
@@ -107,12 +107,16 @@ def read_items(cfg: DataConfig, root: Path) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- tensor cache
 
 
-def _preprocess_one(args: tuple[str, str, dict]) -> np.ndarray:
+def _preprocess_one(args: tuple[str, str, dict]) -> np.ndarray | str:
+    """The preprocessed array of one file, or the one-line error for a file that cannot be read."""
     path, modality, params = args
     from m3bind.io import load
     from m3bind.preprocess import preprocess
 
-    return np.ascontiguousarray(preprocess(load(path, modality), **params), dtype=np.float32)
+    try:
+        return np.ascontiguousarray(preprocess(load(path, modality), **params), dtype=np.float32)
+    except M3BindError as e:
+        return e.line()
 
 
 def _harmonise(arrays: list[np.ndarray], modality: str) -> np.ndarray:
@@ -129,8 +133,10 @@ def _harmonise(arrays: list[np.ndarray], modality: str) -> np.ndarray:
 
 def cached_tensors(items: Sequence[Mapping[str, Any]], root: Path, modality: str,
                    params: Mapping[str, Any], cache_dir: Path, num_workers: int = 0,
-                   progress: bool = True) -> torch.Tensor:
-    """Preprocessed tensors ``[N, ...]`` of ``items`` (one modality), built once and cached.
+                   progress: bool = True) -> tuple[torch.Tensor, np.ndarray]:
+    """Preprocessed tensors of ``items`` (one modality), built once and cached.
+
+    Items whose file cannot be read (an ``M3BindError``) are left out with a warning.
 
     Args:
         items: Manifest rows of one modality.
@@ -140,13 +146,18 @@ def cached_tensors(items: Sequence[Mapping[str, Any]], root: Path, modality: str
         cache_dir: Folder of the safetensors cache files.
         num_workers: Worker processes for reading/preprocessing (0 = in process).
         progress: Show a progress bar.
+
+    Returns:
+        ``(x [K, ...], kept [N] bool)`` — the tensors of the K readable items and which they are.
     """
     params = dict(params)
     key = hashlib.sha256(json.dumps({"m": modality, "p": params, "ids": [r["item_id"] for r in items]},
                                     sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"{modality}-{key}.safetensors"
     if path.is_file():
-        return torch.from_numpy(load_file(str(path))["x"])
+        d = load_file(str(path))
+        kept = d["kept"].astype(bool) if "kept" in d else np.ones(len(items), bool)
+        return torch.from_numpy(d["x"]), kept
     jobs = [(str(root / r["path"]), modality, params) for r in items]
     desc = f"preprocess {modality}"
     if num_workers > 0:
@@ -155,12 +166,18 @@ def cached_tensors(items: Sequence[Mapping[str, Any]], root: Path, modality: str
                                desc=desc, disable=not progress))
     else:
         arrays = [_preprocess_one(j) for j in tqdm(jobs, desc=desc, disable=not progress)]
-    x = _harmonise(arrays, modality)
+    kept = np.array([not isinstance(a, str) for a in arrays])
+    for job, a in zip(jobs, arrays):
+        if isinstance(a, str):
+            log.warning("%s: item left out of training: %s", modality, a)
+    if not kept.any():
+        raise ConfigError(f"no readable {modality} items", str(root))
+    x = _harmonise([a for a in arrays if not isinstance(a, str)], modality)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({"x": x}, str(tmp))
+    save_file({"x": x, "kept": kept.astype(np.uint8)}, str(tmp))
     tmp.replace(path)
-    return torch.from_numpy(x)
+    return torch.from_numpy(x), kept
 
 
 @dataclass
@@ -194,10 +211,8 @@ def load_modality_data(rows: Sequence[Mapping[str, Any]], root: Path, modality: 
         items = items[:max_items]
     if not items:
         raise ConfigError(f"no {split} items of modality {modality}", str(root))
-    try:
-        x = cached_tensors(items, root, modality, params, cache_dir, num_workers, progress)
-    except M3BindError:
-        raise
+    x, kept = cached_tensors(items, root, modality, params, cache_dir, num_workers, progress)
+    items = [r for r, k in zip(items, kept) if k]
     return ModalityData(modality=modality, x=x, reports=[r["report"] for r in items],
                         labels=[r["label"] for r in items], item_ids=[r["item_id"] for r in items],
                         pair_ids=[r.get("pair_id") or "" for r in items])

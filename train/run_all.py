@@ -24,27 +24,31 @@ if str(_ROOT) not in sys.path:  # runnable as `python train/run_all.py`
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import hashlib
+import json
+import logging
+import time
+from typing import Any
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
+import torch
+import yaml
 
-from m3bind.config import from_dict, to_dict  # noqa: E402
-from m3bind.errors import ConfigError, M3BindError  # noqa: E402
-from m3bind.model import BoundModel, load_model  # noqa: E402
-from m3bind.teachers import teachers_from_model  # noqa: E402
-
-from train import distributed as D  # noqa: E402
-from train.checkpoint import atomic_write_json, atomic_write_text, is_done, mark_done  # noqa: E402
-from train.config import TrainConfig, load_train_config  # noqa: E402
-from train.data import (ensure_cohort, load_modality_data, preprocess_params, read_items,  # noqa: E402
-                        shared_text_pools)
-from train.stages.common import MetricsLog, Runtime  # noqa: E402
+from m3bind.config import from_dict, to_dict
+from m3bind.errors import ConfigError, M3BindError
+from m3bind.model import BoundModel, load_model
+from m3bind.teachers import teachers_from_model
+from train import distributed as D
+from train.checkpoint import atomic_write_json, atomic_write_text, is_done, mark_done
+from train.config import TrainConfig, load_train_config
+from train.data import (
+    ensure_cohort,
+    load_modality_data,
+    preprocess_params,
+    read_items,
+    shared_text_pools,
+)
+from train.stages.common import MetricsLog, Runtime
 
 log = logging.getLogger("train.run_all")
 

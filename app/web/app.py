@@ -166,8 +166,12 @@ def build_app(services: Services) -> gr.Blocks:
                                 ps_pick = gr.Dropdown([], label="Saved sets", scale=2)
                                 ps_load = gr.Button("Load", scale=1)
                     with gr.Column(scale=2):
-                        zs_out = gr.Label(label="Zero-shot scores (softmax over the labels)",
+                        zs_out = gr.Label(label="Zero-shot scores", show_heading=False,
                                           elem_id="zs-out")
+                        gr.Markdown("<span class='m3b-small'>Relative scores among the labels "
+                                    "given (softmax, they add up to 100%): which label's "
+                                    "prompts the image is closest to — not the probability "
+                                    "of a disease.</span>")
 
             # ------------------------------------------------------------- Search
             with gr.Tab("Search", id="search"):
@@ -238,8 +242,11 @@ def build_app(services: Services) -> gr.Blocks:
             step = float(f"{(c.hi - c.lo) / 500:.1g}")
             spec = get_spec(sample.modality) if sample.modality else None
             described = _describe(sample)
+            real, root = Path(services.check_path(path)), services.archive_root
+            source = (f"archive: `{real.relative_to(root)}`" if root and root in real.parents
+                      else "uploaded")
             return (
-                str(path), sample, described, image,
+                str(path), sample, f"{described} · {source}", image,
                 gr.update(visible=c.window_level, minimum=c.lo, maximum=c.hi, value=c.centre, step=step),
                 gr.update(visible=c.window_level, minimum=step, maximum=2 * (c.hi - c.lo),
                           value=c.width, step=step),

@@ -132,6 +132,8 @@ def tile_gallery(sample) -> list[tuple[np.ndarray, str]]:
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
+    if isinstance(v, (list, tuple)) and v and all(isinstance(x, bool) for x in v):
+        return f"{sum(v)} of {len(v)} true"
     if isinstance(v, (list, tuple)):
         return " × ".join(_fmt(x) for x in v) if all(isinstance(x, (int, float)) for x in v) \
             else ", ".join(_fmt(x) for x in v)

@@ -22,8 +22,8 @@ def _stains(h: np.ndarray, e: np.ndarray, rng: np.random.Generator, noise: float
     hv = _H / np.linalg.norm(_H) * (1 + rng.normal(0, 0.12 * noise, 3))
     ev = _E / np.linalg.norm(_E) * (1 + rng.normal(0, 0.12 * noise, 3))
     # stain batches differ a lot between labs: amount of each stain varies by up to ~2x
-    od = h[..., None] * hv * np.exp(noise * rng.uniform(-0.4, 0.4)) \
-        + e[..., None] * ev * np.exp(noise * rng.uniform(-0.4, 0.4))
+    od = h[..., None] * hv * np.exp(noise * rng.uniform(-0.55, 0.55)) \
+        + e[..., None] * ev * np.exp(noise * rng.uniform(-0.55, 0.55))
     return (255 * np.exp(-od)).clip(0, 255).astype(np.uint8)
 
 
@@ -90,8 +90,9 @@ def render_tissue(grade: int, rng: np.random.Generator, size: int = 128, noise: 
         for _ in range(int(rng.integers(1, 4))):  # mitoses: dark clumps
             x, y = rng.uniform(0, n, 2)
             dh.ellipse([x - 4 * px, y - 2 * px, x + 4 * px, y + 2 * px], fill=255)
-    # scattered stromal nuclei and lymphocytes
-    for _ in range(int(n * n / (px * px * 600))):
+    # scattered stromal nuclei and lymphocytes; inflammation varies their density a lot
+    inflammation = np.exp(noise * rng.uniform(-1.0, 1.4))
+    for _ in range(int(n * n * inflammation / (px * px * 600))):
         x, y = rng.uniform(0, n, 2)
         r = rng.uniform(2, 3) * px
         dh.ellipse([x - r, y - r * 0.5, x + r, y + r * 0.5], fill=int(rng.uniform(120, 200)))

@@ -85,7 +85,10 @@ def read_header(path: str | os.PathLike, *, pixels: bool = False):
     size = check_file(path)
     try:
         with open(path, "rb") as f:
-            return pydicom.dcmread(_ClampedFile(f, size), stop_before_pixels=not pixels)
+            ds = pydicom.dcmread(_ClampedFile(f, size), stop_before_pixels=not pixels)
+        return _converted(ds, path)
+    except M3BindError:
+        raise
     except InvalidDicomError:
         try:  # no preamble / file meta: accept only if it parses into something with a SOP class
             with open(path, "rb") as f:
@@ -94,11 +97,25 @@ def read_header(path: str | os.PathLike, *, pixels: bool = False):
             raise CorruptFile(f"not a readable DICOM file: {e}", path) from None
         if "SOPClassUID" not in ds and "Modality" not in ds:
             raise UnsupportedFormat("not a DICOM file", path)
-        return ds
+        return _converted(ds, path)
     except PermissionError:
         raise CorruptFile("permission denied, cannot read file", path) from None
     except Exception as e:  # noqa: BLE001 - pydicom raises many types on damaged files
         raise CorruptFile(f"damaged DICOM file: {type(e).__name__}: {e}", path) from None
+
+
+def _converted(ds, path):
+    """Convert every raw element now (pydicom converts lazily, on first access).
+
+    A damaged VR or value then fails here, as one CorruptFile, instead of as a
+    NotImplementedError or ValueError wherever the element is first read (found by fuzzing:
+    a VR of ``U\\x1f`` in SeriesInstanceUID).
+    """
+    try:
+        ds.walk(lambda _ds, _elem: None)
+    except Exception as e:  # noqa: BLE001 - pydicom's converters raise many types
+        raise CorruptFile(f"damaged DICOM element: {type(e).__name__}: {e}", path) from None
+    return ds
 
 
 def modality_of(ds) -> str | None:

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from m3bind.model import ModalityCLIP
 
+from m3bind.model import ModalityCLIP
 from train.balancing import loss_weights, lr_scales, sampling_probs
 from train.config import BindConfig, TrainConfig
 from train.data import ModalityData, SharedTextSampler, StepBatcher, take

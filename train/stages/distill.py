@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from m3bind.encoders.text import build_text_encoder
 from m3bind.model import ModalityCLIP
-
 from train.config import TrainConfig
 from train.data import ModalityData, SharedTextSampler, StepBatcher, take
 from train.losses import OBJECTIVES

@@ -63,9 +63,9 @@ class EvalConfig:
         "help": "manifest split of the evaluation items (linked patients in the simulated cohort)"})
     support_splits: list[str] = field(default_factory=lambda: ["train", "val"], metadata={
         "help": "manifest splits the few-shot support sets are drawn from"})
-    max_test_patients: int | None = field(default=None, metadata={
-        "help": "cap on test patients (a seeded subset, the same for every modality so that "
-                "linked patients stay linked); None = all"})
+    max_test_items: int | None = field(default=None, metadata={
+        "help": "cap on test items per modality, applied by keeping a seeded subset of test "
+                "patients (the same for every modality, so linked patients stay linked); None = all"})
     zeroshot_modes: list[str] = field(default_factory=lambda: list(ZEROSHOT_MODES), metadata={
         "help": "prompt settings: ensemble (template ensemble, the headline), naive (FLAIR: the "
                 "label alone), expert (FLAIR: expert-knowledge descriptions)"})
@@ -123,8 +123,8 @@ class EvalConfig:
         for name in ("bootstrap", "openi_reports", "tsne_max_points"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
-        if self.max_test_patients is not None and self.max_test_patients < 2:
-            raise ConfigError("max_test_patients must be >= 2 or None")
+        if self.max_test_items is not None and self.max_test_items < 2:
+            raise ConfigError("max_test_items must be >= 2 or None")
         if not 0.5 < self.ci_level < 1:
             raise ConfigError("ci_level must be in (0.5, 1)")
         if not self.retrieval_ks or not self.precision_ks or min(
@@ -211,6 +211,28 @@ def relevance_matrix(cond_q: list[str], cond_g: list[str], rule: str) -> np.ndar
     sq = [condition_set(c) for c in cond_q]
     sg = [condition_set(c) for c in cond_g]
     return np.array([[bool(a & b) for b in sg] for a in sq], dtype=bool).reshape(len(sq), len(sg))
+
+
+def _test_patients(items: list[Item], cfg: EvalConfig, rng: np.random.Generator) -> set[str]:
+    """Test patients to evaluate: all, or a seeded subset that keeps every modality within
+    ``cfg.max_test_items`` items."""
+    per_patient: dict[str, dict[str, int]] = {}
+    for it in items:
+        if it.split == cfg.test_split:
+            counts = per_patient.setdefault(it.patient, {})
+            counts[it.modality] = counts.get(it.modality, 0) + 1
+    if not cfg.max_test_items:
+        return set(per_patient)
+    names = sorted(per_patient)
+    used: dict[str, int] = {}
+    keep = set()
+    for i in rng.permutation(len(names)):
+        counts = per_patient[names[i]]
+        if all(used.get(m, 0) + c <= cfg.max_test_items for m, c in counts.items()):
+            keep.add(names[i])
+            for m, c in counts.items():
+                used[m] = used.get(m, 0) + c
+    return keep
 
 
 def detect_simulated(root: Path, items: list[Item]) -> bool:
@@ -532,10 +554,7 @@ def evaluate(models: dict[str, Any], cohort_root: str | Path, out_dir: str | Pat
     notes: list[str] = []
     test: dict[str, list[Item]] = {}
     pool: dict[str, list[Item]] = {}
-    patients = sorted({it.patient for it in items if it.split == cfg.test_split})
-    if cfg.max_test_patients and len(patients) > cfg.max_test_patients:
-        patients = [patients[i] for i in rng.permutation(len(patients))[: cfg.max_test_patients]]
-    keep = set(patients)
+    keep = _test_patients(items, cfg, rng)
     for m in mods:
         labels = set(SPECS[m].labels)
         test[m] = [it for it in items if it.modality == m and it.split == cfg.test_split

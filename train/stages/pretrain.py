@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m3bind.encoders import ImageEncoderConfig
 from m3bind.config import to_dict
-from m3bind.model import ModalityCLIP, TeacherConfig as ModelTeacherConfig
-from m3bind.teachers import load_teacher
+from m3bind.encoders import ImageEncoderConfig
 from m3bind.modalities import get_spec
-
+from m3bind.model import ModalityCLIP
+from m3bind.model import TeacherConfig as ModelTeacherConfig
+from m3bind.teachers import load_teacher
 from train.config import TeacherConfig, TrainConfig
 from train.data import ModalityData, StepBatcher, take
 from train.losses import OBJECTIVES
