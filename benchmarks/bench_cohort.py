@@ -42,7 +42,8 @@ def bench_speed(patients: int, seed: int) -> dict:
         wall = time.perf_counter() - t
         info = json.loads((Path(tmp) / "cohort.json").read_text())
     return {"patients": patients, "items": info["items"], "wall_seconds": round(wall, 1),
-            "items_per_second": info["items_per_second"],
+            "items_per_second": info["items_per_second"], "cpu_seconds": info["cpu_seconds"],
+            "items_per_cpu_second": info["items_per_cpu_second"],
             "items_per_second_by_modality": info["items_per_second_by_modality"]}
 
 

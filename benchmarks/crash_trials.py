@@ -15,8 +15,8 @@ manifest and every ``latest.json`` must point to a complete checkpoint (never ha
 the rerun must finish, with all three model directories valid, and the final weights are
 compared with an uninterrupted reference run.
 
-Children are forked from this process after the heavy imports, so a trial costs its work,
-not Python start-up. Writes ``benchmarks/results/crash_trials.json``::
+Children are forked from a fork server that has done the heavy imports, so a trial costs
+its work, not Python start-up. Writes ``benchmarks/results/crash_trials.json``::
 
     python benchmarks/crash_trials.py --out benchmarks/results/crash_trials.json
 """
@@ -45,6 +45,17 @@ STAGES = ("pretrain", "bind", "distill")
 MODEL_DIRS = {"pretrain": "zoo_model", "bind": "bound_model", "distill": "model"}
 
 
+def _ctx():
+    """Children come from a fork server that imported the indexer and the trainer once.
+
+    Forking this process directly would deadlock children once it has run a torch op (its
+    OpenMP pool does not survive fork); the fork server never runs one.
+    """
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["data_registry.indexer", "train.run_all"])
+    return ctx
+
+
 def _quiet_child() -> None:
     logging.disable(logging.WARNING)
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -63,7 +74,7 @@ def _index_child(archive: str, db: str, model: str) -> None:
 
 def run_index(archive: Path, db: Path, model: Path, kill_after: float | None) -> dict[str, Any]:
     """Index in a forked child; SIGKILL it after ``kill_after`` seconds (None: let it finish)."""
-    ctx = mp.get_context("fork")
+    ctx = _ctx()
     p = ctx.Process(target=_index_child, args=(str(archive), str(db), str(model)))
     t0 = time.monotonic()
     p.start()
@@ -124,7 +135,7 @@ def catalogue_state(db: Path) -> dict[str, Any]:
     }
 
 
-def index_trials(work: Path, n: int, patients: int, rng: random.Random) -> dict[str, Any]:
+def index_trials(work: Path, n: int, patients: int, rng: random.Random, save=None) -> dict[str, Any]:
     from data_registry.synthetic import generate
     from m3bind.testing import build_tiny_model
 
@@ -162,6 +173,8 @@ def index_trials(work: Path, n: int, patients: int, rng: random.Random) -> dict[
                  "faiss_agrees": st["faiss_agrees"], "faiss_detail": st["faiss_detail"], "converged": ok}
         log.info("index trial %d: %s", t, trial)
         trials.append(trial)
+        if save is not None:
+            save({"reference": ref, "trials": trials, "n": len(trials), "partial": True})
         for p in work.glob(f"trial{t:02d}.db*"):
             if p.is_file():
                 p.unlink()
@@ -188,16 +201,16 @@ def _train_argv(out: Path, work: Path) -> list[str]:
 def run_train(out: Path, work: Path, stage: str | None = None, delay: float = 0.0,
               timeout: float = 900) -> dict[str, Any]:
     """Train in a forked child; with ``stage``, SIGKILL it ``delay`` s after that stage has started."""
-    ctx = mp.get_context("fork")
+    ctx = _ctx()
     p = ctx.Process(target=_train_child, args=(_train_argv(out, work),))
     t0 = time.monotonic()
     p.start()
     killed, started = False, None
     if stage is not None:
-        marker = out / "checkpoints" / stage
         prev_done = out / "checkpoints" / STAGES[STAGES.index(stage) - 1] / "done.json" if stage != "pretrain" else None
         while p.is_alive() and time.monotonic() - t0 < timeout:
-            if marker.exists() or (prev_done is not None and prev_done.exists()):
+            # a stage has started once its checkpoint folder (pretrain: pretrain_<modality>) exists
+            if any((out / "checkpoints").glob(f"{stage}*")) or (prev_done is not None and prev_done.exists()):
                 started = time.monotonic() - t0
                 break
             time.sleep(0.05)
@@ -233,11 +246,11 @@ def run_state(out: Path) -> dict[str, Any]:
             models[stage] = f"INVALID: {e}"
             bad.append(f"{d}: {e}")
     ckpts = {}
-    for stage in STAGES:
-        sd = out / "checkpoints" / stage
+    for sd in sorted((out / "checkpoints").glob("*")) if (out / "checkpoints").exists() else []:
+        stage = sd.name
         latest = sd / "latest.json"
         if not latest.exists():
-            ckpts[stage] = "none"
+            ckpts[stage] = "done" if (sd / "done.json").exists() else "none"
             continue
         try:
             info = json.loads(latest.read_text())
@@ -270,7 +283,7 @@ def max_weight_diff(a: Path, b: Path) -> float | None:
     return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa) if wa else 0.0
 
 
-def train_trials(work: Path, n: int, rng: random.Random) -> dict[str, Any]:
+def train_trials(work: Path, n: int, rng: random.Random, save=None, stages=STAGES) -> dict[str, Any]:
     import shutil
 
     ref_out = work / "train_ref"
@@ -281,7 +294,7 @@ def train_trials(work: Path, n: int, rng: random.Random) -> dict[str, Any]:
         ref = {"seconds": None, "exitcode": 0, "reused": True}
     log.info("reference training: %s", ref)
     trials = []
-    for stage in STAGES:
+    for stage in stages:
         for t in range(n):
             out = work / f"train_{stage}_{t}"
             shutil.rmtree(out, ignore_errors=True)
@@ -299,10 +312,12 @@ def train_trials(work: Path, n: int, rng: random.Random) -> dict[str, Any]:
                      "final": final, "max_weight_diff_vs_uninterrupted": diff, "converged": ok}
             log.info("train trial %s/%d: killed=%s converged=%s diff=%s", stage, t, first["killed"], ok, diff)
             trials.append(trial)
+            if save is not None:
+                save({"reference": ref, "trials": trials, "partial": True})
             shutil.rmtree(out, ignore_errors=True)
     by_stage = {s: {"n": sum(1 for t in trials if t["stage"] == s),
                     "killed": sum(1 for t in trials if t["stage"] == s and t["killed"]),
-                    "converged": sum(1 for t in trials if t["stage"] == s and t["converged"])} for s in STAGES}
+                    "converged": sum(1 for t in trials if t["stage"] == s and t["converged"])} for s in stages}
     return {"reference": ref, "trials": trials, "by_stage": by_stage}
 
 
@@ -312,15 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/m3bind_crash_trials"))
     ap.add_argument("--index-trials", type=int, default=20)
     ap.add_argument("--train-trials", type=int, default=5, help="trials per training stage")
+    ap.add_argument("--stages", default=",".join(STAGES), help="training stages to kill, comma-separated")
     ap.add_argument("--patients", type=int, default=12, help="patients of the simulated archive")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-index", action="store_true")
     ap.add_argument("--skip-train", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    import data_registry.indexer  # noqa: F401 - heavy imports before forking children
-    import train.run_all  # noqa: F401
-
     args.work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
     result: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -333,11 +346,19 @@ def main(argv: list[str] | None = None) -> int:
         merged["machine"]["loadavg_end"] = os.getloadavg()
         args.out.write_text(json.dumps(merged, indent=1, default=str))
 
+    def partial(key):
+        def _save(obj):
+            result[key] = obj
+            save()
+        return _save
+
     if not args.skip_index:
-        result["indexing"] = index_trials(args.work / "index", args.index_trials, args.patients, rng)
+        result["indexing"] = index_trials(args.work / "index", args.index_trials, args.patients, rng,
+                                          partial("indexing"))
         save()
     if not args.skip_train:
-        result["training"] = train_trials(args.work, args.train_trials, rng)
+        result["training"] = train_trials(args.work, args.train_trials, rng, partial("training"),
+                                          tuple(args.stages.split(",")))
     result["ended"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     save()
     print(json.dumps({k: result.get(k, {}).get("converged") if k == "indexing" else

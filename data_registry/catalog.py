@@ -31,7 +31,7 @@ import secrets
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 from sqlalchemy import (
@@ -293,7 +293,7 @@ class Catalog:
         """Release the connection pool."""
         self.engine.dispose()
 
-    def __enter__(self) -> Catalog:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

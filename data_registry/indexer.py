@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 DEFAULT_LOADER = "m3bind.io:load"
 #: Seconds between FAISS writes during a run (the index is always written at the end).
 SAVE_EVERY_S = 10.0
+#: Fewer items than this to decode are decoded inline: starting spawn workers (each imports
+#: the readers) costs seconds, more than decoding a handful of files.
+POOL_MIN_ITEMS = 16
 _CHUNK = 1 << 20
 
 
@@ -492,7 +495,8 @@ def index_archive(root: str | os.PathLike, catalog: str | Catalog, model, *,
         root: The archive folder.
         catalog: A :class:`Catalog`, a SQLAlchemy URL or a SQLite file path.
         model: A loaded model (``.embed``, ``.model_id``) or a model directory.
-        workers: Decoder processes (default ``min(4, cpu count)``; ≤ 1 decodes inline).
+        workers: Decoder processes (default ``min(4, cpu count)``; ≤ 1 decodes inline, as
+            do runs with fewer than :data:`POOL_MIN_ITEMS` items to decode).
         batch_size: Items embedded and committed together.
         modality: Modality of formats that carry none, when no sidecar or folder name says.
         keep_phi: Store patient names and birth dates (only when the catalogue is created).
@@ -554,8 +558,9 @@ def index_archive(root: str | os.PathLike, catalog: str | Catalog, model, *,
         batch: list[tuple[Candidate, str, dict]] = []
         fails: list[tuple[str, str, int, float]] = []
         tasks = ((str(root), c, modality, loader, cat.keep_phi) for c in to_decode)
+        pool = workers if len(to_decode) >= POOL_MIN_ITEMS else 0
         crashed = lambda a: {"rel": a[1].rel, "error": "reader process crashed"}
-        for r in _pool_map(_decode_task, tasks, workers, 4 * max(workers, 1), crashed):
+        for r in _pool_map(_decode_task, tasks, pool, 4 * max(pool, 1), crashed):
             c = by_rel[r["rel"]]
             if "error" in r:
                 fails.append((c.rel, r["error"], c.size, c.mtime))

@@ -175,8 +175,8 @@ def postgres_server() -> str | None:
                        check=True, capture_output=True, timeout=120)
         subprocess.run(prefix + [str(bindir / "pg_ctl"), "-D", str(data), "-w", "-t", "60",
                                  "-l", str(tmp / "log"), "-o",
-                                 f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"
-                                 " -c full_page_writes=off -c synchronous_commit=off",
+                                 (f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"
+                                  " -c full_page_writes=off -c synchronous_commit=off"),
                                  "start"], check=True, capture_output=True, timeout=120)
     except (subprocess.SubprocessError, OSError) as e:
         import logging
@@ -187,7 +187,7 @@ def postgres_server() -> str | None:
 
     def stop() -> None:
         subprocess.run(prefix + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate",
-                                 "stop"], capture_output=True, timeout=60)
+                                 "stop"], capture_output=True, timeout=60, check=False)
         shutil.rmtree(tmp, ignore_errors=True)
 
     atexit.register(stop)

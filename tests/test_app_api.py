@@ -17,9 +17,10 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from app.web.state import Services  # noqa: E402
-from app.web.testing import synthetic_cxr, tiny_model_dir  # noqa: E402
-from samples import sample_path  # noqa: E402  (tests/samples.py, on sys.path via conftest)
+from samples import sample_path
+
+from app.web.state import Services
+from app.web.testing import synthetic_cxr, tiny_model_dir
 
 ECG = sample_path("ecg_dicom")
 CT = sample_path("ct_dicom")
@@ -34,9 +35,8 @@ def cxr_sample_path(tmp: Path) -> Path:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """``(services, url, model_dir, archive)`` of a running app over an indexed archive."""
-    from data_registry.indexer import index_archive
-
     from app.web.testing import build_archive, start_server
+    from data_registry.indexer import index_archive
 
     tmp = tmp_path_factory.mktemp("app_api")
     model_dir = tiny_model_dir(tmp_path_factory.getbasetemp())

@@ -29,11 +29,11 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     pytest.importorskip("playwright.sync_api")
-    from data_registry.indexer import index_archive
+    from samples import sample_path
 
     from app.web.state import Services
     from app.web.testing import build_archive, start_server, synthetic_cxr, tiny_model_dir
-    from samples import sample_path
+    from data_registry.indexer import index_archive
 
     ECG, CT, RETINA = sample_path("ecg_dicom"), sample_path("ct_dicom"), sample_path("retina")
     if ECG is None:
@@ -91,7 +91,7 @@ def _upload(pg, path: Path) -> None:
 def _scores(pg) -> dict[str, float]:
     """The zero-shot label scores shown by the Label component (label -> fraction)."""
     text = pg.locator("#zs-out").inner_text()
-    pairs = re.findall(r"^(.+?)\s*\n?\s*(\d+(?:\.\d+)?)%\s*$", text, flags=re.M)
+    pairs = re.findall(r"^(.+?)\s*\n?\s*(\d+(?:\.\d+)?)%\s*$", text, flags=re.MULTILINE)
     return {lbl.strip(): float(v) / 100 for lbl, v in pairs}
 
 
@@ -161,10 +161,27 @@ def test_ecg_upload_zeroshot_with_edited_labels(page, app_url):
     assert sum(shown.values()) == pytest.approx(1.0, abs=0.02)
     page.screenshot(path=str(ARTIFACTS / "05_zeroshot_ecg.png"), full_page=True)
 
+    # the edited labels saved as a prompt set, replaced by the defaults, then loaded back
+    page.locator("#ps").get_by_text("Prompt sets").click()
+    page.locator("#ps-name input, #ps-name textarea").first.fill("af vs sinus")
+    page.locator("#ps-save").click()
+    page.wait_for_function("() => /af vs sinus/.test(document.querySelector('#ps-pick').innerText"
+                           " + document.querySelector('#ps-pick input').value)")
+    page.locator("#zs-reset").click()
+    labels = page.locator("#zs-labels textarea")
+    page.wait_for_function("() => document.querySelector('#zs-labels textarea').value.includes('tachycardia')")
+    page.locator("#ps-load").click()
+    page.wait_for_function("() => !document.querySelector('#zs-labels textarea').value.includes('tachycardia')")
+    assert labels.input_value() == "atrial fibrillation, normal sinus rhythm"
+    saved = app_url["services"].prompt_sets()["af vs sinus"]
+    assert saved["modality"] == "ecg" and saved["labels"] == ["atrial fibrillation", "normal sinus rhythm"]
+
 
 def test_archive_browse_and_embedding_map(page, app_url):
     _tab(page, "Archive")
     page.wait_for_function("() => /4 items, 0 failures/.test(document.body.innerText)")
+    page.locator("#a-index").click()  # incremental: nothing changed since the fixture indexed
+    page.wait_for_function("() => /0 added, 4 unchanged, 0 failed/.test(document.body.innerText)")
     page.locator("#a-patient input").click()
     page.locator("#a-patient [role=option]").filter(has_text="ecg").first.click()
     page.wait_for_function("() => document.querySelector('#a-items').innerText.includes('waveform_ecg')")
@@ -182,7 +199,8 @@ def test_bad_upload_shows_message_not_crash(page, app_url, tmp_path):
     bad = tmp_path / "truncated.dcm"
     bad.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00")
     page.locator("#upload input[type=file]").set_input_files(str(bad))
-    toast = page.get_by_text(re.compile("truncated.dcm"))
+    toast = page.get_by_text(re.compile(r"\(truncated\.dcm\)"))  # the one-line error, in a toast
     toast.first.wait_for()
+    assert "Traceback" not in page.locator("body").inner_text()
     page.screenshot(path=str(ARTIFACTS / "08_error_message.png"), full_page=True)
     assert page.locator("#viewer").is_visible()  # the page still works

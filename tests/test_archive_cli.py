@@ -78,7 +78,7 @@ def test_console_script_archive_stats(tmp_path):
 
     Catalog(tmp_path / "c.db")
     out = subprocess.run([str(script), "archive", "stats", "--catalog", str(tmp_path / "c.db"),
-                          "--json"], capture_output=True, text=True, timeout=120)
+                          "--json"], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"items": {}, "failed": 0, "duplicates": 0, "patients": 0,
                                       "embeddings": {}}

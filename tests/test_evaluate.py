@@ -317,3 +317,50 @@ def test_cli_on_tiny_models_and_generated_cohort(tmp_path):
         assert {"precision@10", "chance", "ci95"} <= cm.keys()
     assert report["data"]["failed_items"] == {}
     assert "Simulated data" in (out / "report.md").read_text()
+
+
+def test_public_dataset_adapter_items(tmp_path, patched):
+    """A data-set adapter's records go through the same harness (labels -> findings)."""
+    from data_registry.datasets.base import DATASETS, MedicalDataset, Record
+
+    nan = float("nan")
+
+    class FakeCXRSet(MedicalDataset):
+        name = "fake-cxr-for-eval-tests"
+        modality = "cxr"
+        labels = ("cardiomegaly", "pleural effusion", "edema")
+
+        def _scan(self):
+            rng = np.random.default_rng(0)
+            for i in range(40):
+                pos = int(rng.integers(3))
+                vec = np.zeros(3, np.float32)
+                vec[pos] = 1
+                if i % 5 == 0:
+                    vec[2] = nan  # unknown: never scored
+                yield Record(self.root / f"{i}.png", f"P{i}", vec,
+                             report=f"{self.labels[pos]} noted.", split="test" if i < 30 else "train")
+
+    if FakeCXRSet.name not in DATASETS:
+        DATASETS.register(FakeCXRSet.name)(FakeCXRSet)
+    items = ev.items_from_dataset(FakeCXRSet.name, tmp_path)
+    assert len(items) == 40 and items[0].modality == "cxr"
+    assert "edema" not in items[0].findings and items[1].findings  # NaN left out
+    assert {it.label for it in items} <= {"cardiomegaly", "pleural effusion", ""}
+
+    class DatasetLoader(Loader):
+        def __call__(self, root, item):
+            s = super().__call__(root, item)
+            s.meta["label"] = item.report  # the fake model embeds the named finding
+            return s
+
+    cfg = ev.EvalConfig(**{**FAST, "plots": False, "fewshot_shots": {"cxr": [1]}})
+    report = ev.evaluate({"distilled": FakeModel(("cxr",))}, tmp_path, tmp_path / "out", cfg,
+                         loader=DatasetLoader(), items=items)
+    cxr = report["metrics"]["distilled"]["cxr"]
+    assert report["simulated"] is False
+    assert cxr["zeroshot"]["n"] == sum(it.label != "" and it.split == "test" for it in items)
+    assert cxr["multilabel"]["auc[cardiomegaly]"] > 0.9 and "auc[edema]" in cxr["multilabel"]
+    assert cxr["retrieval"]["n_items"] == 30
+    assert not any("->" in k for k in report["metrics"]["distilled"])
+    assert "Simulated data" not in (tmp_path / "out" / "report.md").read_text()

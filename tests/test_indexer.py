@@ -219,7 +219,8 @@ def test_junk_is_recorded_and_retried_only_when_changed(backend, tmp_path):
     assert cat.stats()["failed"] == 1
 
 
-def test_parallel_workers_give_the_same_catalogue(tmp_path):
+def test_parallel_workers_give_the_same_catalogue(tmp_path, monkeypatch):
+    monkeypatch.setattr("data_registry.indexer.POOL_MIN_ITEMS", 0)
     root = _png_archive(tmp_path / "a", 6)
     (root / "junk.bin").write_bytes(b"junk")
     inline = Catalog(tmp_path / "inline.db")
@@ -264,6 +265,7 @@ index_archive({root!r}, {db!r}, SlowFakeModel(delay=0.15), workers=0, batch_size
 """
 
 
+@pytest.mark.slow
 def test_kill_minus_nine_then_rerun_loses_and_duplicates_nothing(backend, tmp_path, monkeypatch):
     root = _png_archive(tmp_path / "a", 30)
     (root / "cxr" / "dup.png").write_bytes((root / "cxr" / "029.png").read_bytes())
@@ -355,7 +357,8 @@ def test_keep_phi_opt_in_stores_names(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_reader_that_kills_its_worker_fails_only_its_file(tmp_path):
+def test_a_reader_that_kills_its_worker_fails_only_its_file(tmp_path, monkeypatch):
+    monkeypatch.setattr("data_registry.indexer.POOL_MIN_ITEMS", 0)
     root = _png_archive(tmp_path / "a", 4)
     write_png(root / "cxr" / "crash.png", 77)
     cat = Catalog(tmp_path / "c.db")

@@ -217,6 +217,40 @@ def test_decoded_size_limit_checked_before_decoding(sample_file, monkeypatch):
             m3bind.io.load(sample_file(name), "cxr" if name == "grey_png" else None)
 
 
+def test_png_decompression_bomb_refused_before_decoding(sample_file, tmp_path):
+    """A PNG whose IHDR claims 40000 x 40000 pixels (1.6e9 values) is refused from the header."""
+    import zlib
+
+    data = bytearray(sample_file("grey_png").read_bytes())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", 40000, 40000)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    p = tmp_path / "bomb.png"
+    p.write_bytes(bytes(data))
+    tracemalloc.start()
+    try:
+        with pytest.raises(TooLarge):
+            m3bind.io.load(p, "cxr")
+        assert tracemalloc.get_traced_memory()[1] < 64 * 2**20
+    finally:
+        tracemalloc.stop()
+
+
+def test_nifti_gzip_bomb_refused_from_header(tmp_path):
+    """A 2 KB .nii.gz whose header claims 2048^3 voxels is refused before any voxel is inflated."""
+    import gzip
+
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    raw = bytearray(img.header.binaryblock + b"\x00" * 4 + np.zeros(64, np.float32).tobytes())
+    raw[40:56] = struct.pack("<8h", 3, 2048, 2048, 2048, 1, 1, 1, 1)
+    p = tmp_path / "bomb.nii.gz"
+    p.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(TooLarge):
+        m3bind.io.load(p)
+
+
 # ------------------------------------------------------------------------------ no pickle
 #: (module alias, function) -> why calling it on a user path is unsafe.
 UNSAFE_CALLS = {("pickle", "load"): "pickle", ("pickle", "loads"): "pickle", ("joblib", "load"): "pickle",

@@ -153,6 +153,7 @@ print(index_archive({root!r}, {db!r}, SlowFakeModel(delay=0.05), workers=0, batc
 """
 
 
+@pytest.mark.slow
 def test_search_while_indexing(tmp_path):
     root = tmp_path / "a"
     for i in range(30):

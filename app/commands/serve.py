@@ -90,8 +90,10 @@ def index_demo(services) -> None:
         log.warning("not indexing the demo archive: %s", services.model_notice())
         return
     try:
-        if archive_api.item_count(services.catalog()) > 0:
-            return
+        catalog = services.catalog()
+        key = archive_api.model_key(services.model)
+        if archive_api.item_count(catalog) > 0 and key in catalog.model_keys():
+            return  # indexed with this model already (a new model re-embeds incrementally)
     except M3BindError as e:
         log.warning("catalogue unavailable: %s", e.line())
         return

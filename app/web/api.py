@@ -51,7 +51,7 @@ def zeroshot_json(services: Services, file: Any, labels: str) -> dict[str, Any]:
 
 
 def search_json(services: Services, query_file: Any, query_text: str, target_modality: str,
-                k: float | int) -> dict[str, Any]:
+                k: float) -> dict[str, Any]:
     """The ``/search`` payload; exactly one of ``query_file`` and ``query_text`` is given."""
     path = _path(query_file)
     text = (query_text or "").strip()
@@ -73,10 +73,12 @@ def _guard(fn):
         try:
             return fn(*args)
         except M3BindError as e:
-            raise gr.Error(e.line(), print_exception=False) from None
+            from app.web.app import user_line
+
+            raise gr.Error(user_line(e), print_exception=False) from None
         except gr.Error:
             raise
-        except Exception as e:  # noqa: BLE001 - one line to the client, full trace in the log
+        except Exception as e:
             log.exception("API call failed")
             raise gr.Error(f"{type(e).__name__}: {' '.join(str(e).split())}"[:300],
                            print_exception=False) from None

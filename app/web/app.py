@@ -21,9 +21,9 @@ import gradio as gr
 from app.web import api, views
 from app.web import archive as archive_api
 from app.web.embedding_map import draw_map
-from app.web.state import NotReady, Services
+from app.web.state import NotReady, Services, upload_dir
 from m3bind.errors import M3BindError
-from m3bind.modalities import MODALITIES, SPECS, VOLUME, get_spec
+from m3bind.modalities import MODALITIES, SPECS, get_spec
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,15 @@ CSS = """
 MODALITY_CHOICES = [(f"{SPECS[m].title} ({m})", m) for m in MODALITIES]
 
 
+def user_line(e: M3BindError) -> str:
+    """The error's one line; an upload is named by its file name, not Gradio's cache path."""
+    if e.path:
+        p = Path(e.path)
+        if upload_dir() in p.parents:
+            return f"{e.what} ({p.name})"
+    return e.line()
+
+
 def guarded(fn):
     """Turn user-facing errors into an in-page message (``gr.Error``), never a crash."""
 
@@ -50,8 +59,8 @@ def guarded(fn):
         except gr.Error:
             raise
         except M3BindError as e:
-            raise gr.Error(e.line(), print_exception=False) from None
-        except Exception as e:  # noqa: BLE001 - shown as one line, logged in full
+            raise gr.Error(user_line(e), print_exception=False) from None
+        except Exception as e:
             log.exception("callback %s failed", fn.__name__)
             raise gr.Error(f"{type(e).__name__}: {' '.join(str(e).split())}"[:300],
                            print_exception=False) from None
@@ -108,38 +117,37 @@ def build_app(services: Services) -> gr.Blocks:
 
         with gr.Tabs(selected="explore") as tabs:
             # ------------------------------------------------------------ Explore
-            with gr.Tab("Explore", id="explore"):
-                with gr.Row():
-                    with gr.Column(scale=1, min_width=280):
-                        upload = gr.File(label="Upload a file (or all files of a DICOM series / "
-                                               "a WFDB .hea + .dat pair)",
-                                         file_count="multiple", elem_id="upload")
-                        modality_in = gr.Dropdown([("auto-detect", AUTO)] + MODALITY_CHOICES,
-                                                  value=AUTO, label="Modality",
-                                                  info="for PNG/JPEG/TIFF, which carry none")
-                        archive_pick = gr.Dropdown([], label="…or open an item of the archive",
-                                                   allow_custom_value=False, elem_id="archive-pick")
-                        gr.Markdown("**Key metadata**")
-                        meta = gr.HTML("", elem_id="meta")
-                    with gr.Column(scale=3):
-                        item_md = gr.Markdown("Upload a file or pick one from the archive.",
-                                              elem_id="item")
-                        viewer = gr.Image(label="Viewer", show_label=False, interactive=False,
-                                          type="numpy", height=600, elem_id="viewer")
-                        with gr.Row():
-                            centre = gr.Slider(0, 1, value=0.5, label="Window centre (level)",
-                                               visible=False, elem_id="wl-centre")
-                            width = gr.Slider(0, 1, value=1, label="Window width",
-                                              visible=False, elem_id="wl-width")
-                        with gr.Row():
-                            slice_sl = gr.Slider(1, 2, value=1, step=1, label="Slice",
-                                                 visible=False, elem_id="slice")
-                            preset = gr.Radio(list(views.WINDOW_PRESETS), value=views.AUTO_WINDOW,
-                                              label="Window preset", visible=False,
-                                              elem_id="preset")
-                        tiles = gr.Gallery(label="Tissue tiles (click one to zoom)", columns=6,
-                                           height=360, visible=False, object_fit="contain",
-                                           fit_columns=False, elem_id="tiles")
+            with gr.Tab("Explore", id="explore"), gr.Row():
+                with gr.Column(scale=1, min_width=280):
+                    upload = gr.File(label="Upload a file (or all files of a DICOM series / "
+                                           "a WFDB .hea + .dat pair)",
+                                     file_count="multiple", elem_id="upload")
+                    modality_in = gr.Dropdown([("auto-detect", AUTO)] + MODALITY_CHOICES,
+                                              value=AUTO, label="Modality",
+                                              info="for PNG/JPEG/TIFF, which carry none")
+                    archive_pick = gr.Dropdown([], label="…or open an item of the archive",
+                                               allow_custom_value=False, elem_id="archive-pick")
+                    gr.Markdown("**Key metadata**")
+                    meta = gr.HTML("", elem_id="meta")
+                with gr.Column(scale=3):
+                    item_md = gr.Markdown("Upload a file or pick one from the archive.",
+                                          elem_id="item")
+                    viewer = gr.Image(label="Viewer", show_label=False, interactive=False,
+                                      type="numpy", height=600, elem_id="viewer")
+                    with gr.Row():
+                        centre = gr.Slider(0, 1, value=0.5, label="Window centre (level)",
+                                           visible=False, elem_id="wl-centre")
+                        width = gr.Slider(0, 1, value=1, label="Window width",
+                                          visible=False, elem_id="wl-width")
+                    with gr.Row():
+                        slice_sl = gr.Slider(1, 2, value=1, step=1, label="Slice",
+                                             visible=False, elem_id="slice")
+                        preset = gr.Radio(list(views.WINDOW_PRESETS), value=views.AUTO_WINDOW,
+                                          label="Window preset", visible=False,
+                                          elem_id="preset")
+                    tiles = gr.Gallery(label="Tissue tiles (click one to zoom)", columns=6,
+                                       height=360, visible=False, object_fit="contain",
+                                       fit_columns=False, elem_id="tiles")
 
             # ---------------------------------------------------------- Zero-shot
             with gr.Tab("Zero-shot", id="zeroshot"):
@@ -152,19 +160,19 @@ def build_app(services: Services) -> gr.Blocks:
                                                   lines=4, elem_id="zs-templates")
                         with gr.Row():
                             zs_run = gr.Button("Classify", variant="primary", elem_id="zs-run")
-                            zs_reset = gr.Button("Default labels and prompts")
+                            zs_reset = gr.Button("Default labels and prompts", elem_id="zs-reset")
                         zs_mode = gr.Radio(["ensemble", "naive", "expert"], value="ensemble",
                                            label="Prompting",
                                            info="ensemble: mean over the templates; naive: the "
                                                 "label alone; expert: the modality's descriptions "
                                                 "of each finding")
-                        with gr.Accordion("Prompt sets", open=False):
+                        with gr.Accordion("Prompt sets (saved per user)", open=False, elem_id="ps"):
                             with gr.Row():
-                                ps_name = gr.Textbox(label="Name", scale=2)
-                                ps_save = gr.Button("Save", scale=1)
+                                ps_name = gr.Textbox(label="Name", scale=2, elem_id="ps-name")
+                                ps_save = gr.Button("Save", scale=1, elem_id="ps-save")
                             with gr.Row():
-                                ps_pick = gr.Dropdown([], label="Saved sets", scale=2)
-                                ps_load = gr.Button("Load", scale=1)
+                                ps_pick = gr.Dropdown([], label="Saved sets", scale=2, elem_id="ps-pick")
+                                ps_load = gr.Button("Load", scale=1, elem_id="ps-load")
                     with gr.Column(scale=2):
                         zs_out = gr.Label(label="Zero-shot scores", show_heading=False,
                                           elem_id="zs-out")
@@ -266,8 +274,14 @@ def build_app(services: Services) -> gr.Blocks:
             paths = _file_paths(files)
             if not paths:
                 return (gr.update(),) * len(explore_outputs)
-            path = services.assemble(paths)
-            sample = services.load(path, None if modality == AUTO else modality)
+            try:
+                path = services.assemble(paths)
+                sample = services.load(path, None if modality == AUTO else modality)
+            except M3BindError as e:
+                # the item on screen stays as it was (no error overlay over it); the toast
+                # names the file that could not be opened
+                gr.Warning(f"not opened: {user_line(e)}", title="Could not open the upload")
+                return (gr.update(),) * len(explore_outputs)
             return _explore_updates(path, sample)
 
         @guarded
@@ -404,8 +418,8 @@ def build_app(services: Services) -> gr.Blocks:
             for i in items:
                 if i["patient"]:
                     by_patient.setdefault(i["patient"], []).append(i["modality"])
-            patients = [(f"{p} — {len(ms)} item{'s' if len(ms) > 1 else ''}: "
-                         f"{', '.join(sorted(set(ms), key=_modality_order))}", p)
+            patients = [((f"{p} — {len(ms)} item{'s' if len(ms) > 1 else ''}: "
+                          f"{', '.join(sorted(set(ms), key=_modality_order))}"), p)
                         for p, ms in sorted(by_patient.items())]
             picks = [(archive_api.item_label(i), i["path"]) for i in items]
             return ([[_title(m), n] for m, n in counts.items()],
@@ -416,7 +430,7 @@ def build_app(services: Services) -> gr.Blocks:
         archive_outputs = [a_counts, a_failed, a_patient, archive_pick, a_result]
 
         @guarded
-        def run_index(root, progress=gr.Progress(track_tqdm=True)):
+        def run_index(root, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - Gradio's idiom
             progress(0, desc="scanning the folder")
             res = services.index(root or None)
             summary = (f"**Indexed:** {res.get('added', 0)} added, {res.get('skipped', 0)} unchanged, "

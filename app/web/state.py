@@ -23,9 +23,10 @@ import shutil
 import tempfile
 import threading
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -117,14 +118,14 @@ class Services:
             return model, None
         except M3BindError as e:
             return None, f"model not loaded: {e.line()}"
-        except Exception as e:  # noqa: BLE001 - the app must open even with a broken model
+        except Exception as e:
             log.exception("model load failed")
             return None, f"model not loaded: {type(e).__name__}: {' '.join(str(e).split())} ({path})"
 
     def model_notice(self) -> str | None:
         """A one-line notice when no model can be used, else ``None``."""
         try:
-            self.model
+            _ = self.model
         except NotReady as e:
             return e.line()
         return None
@@ -149,8 +150,13 @@ class Services:
         try:
             from app.web import archive as archive_api
 
-            if archive_api.item_count(self.catalog()) == 0:
+            catalog = self.catalog()
+            if archive_api.item_count(catalog) == 0:
                 return "the catalogue is empty: index an archive folder in the Archive tab"
+            keys = catalog.model_keys()
+            if self._model is not None and archive_api.model_key(self._model) not in keys:
+                return ("the catalogue was indexed with another model "
+                        f"({', '.join(keys) or 'none'}): index it again in the Archive tab")
         except NotReady as e:
             return e.line()
         except M3BindError as e:

@@ -31,7 +31,7 @@ def build_archive(dest: str | Path, files: dict[str, list[Path]]) -> Path:
             else:
                 shutil.copyfile(src, target)
             rows.append({"path": f"{modality}/{target.name}", "patient": f"test-{modality}-{i}",
-                         "study": f"study-{modality}-{i}", "date": "2024-01-0%d" % (1 + i % 9),
+                         "study": f"study-{modality}-{i}", "date": f"2024-01-0{1 + i % 9}",
                          "modality": modality})
     with open(dest / "m3bind_sidecar.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=["path", "patient", "study", "date", "modality"])

@@ -187,6 +187,28 @@ def read_items(root: str | Path) -> list[Item]:
     return items
 
 
+def items_from_dataset(name: str, root: str | Path, **kw: Any) -> list[Item]:
+    """The items of a public data-set adapter (``data_registry.get(name, root)``) as manifest items.
+
+    The adapter's label vector becomes ``findings`` (unknown labels left out, so that they are
+    not scored); an item whose single positive label is one of the modality's zero-shot
+    labels gets it as ``label`` (others take part in the per-finding and report tasks only).
+    Adapters carry no systemic conditions, so cross-modal class-level tasks are skipped.
+    """
+    import data_registry
+
+    ds = data_registry.get(name, root=root, **kw)
+    spec_labels = set(SPECS[ds.modality].labels)
+    items = []
+    for i, rec in enumerate(ds):
+        findings = {lab: int(v) for lab, v in zip(ds.labels, rec.labels) if not np.isnan(v)}
+        pos = [lab for lab, v in findings.items() if v == 1]
+        label = pos[0] if len(pos) == 1 and pos[0] in spec_labels else ""
+        items.append(Item(f"{name}-{i}", str(rec.patient), ds.modality, str(rec.path), label,
+                          findings, "", rec.report or "", rec.split or "test"))
+    return items
+
+
 def condition_set(condition: str) -> frozenset[str]:
     """Conditions of a manifest ``condition`` string (';'-joined; ``healthy`` is one)."""
     from data_registry.synthetic.cohort import condition_set as _cs
@@ -369,17 +391,20 @@ def multilabel_task(model, emb: np.ndarray, items: list[Item], modality: str,
     names = sorted({k for it in items for k in it.findings})
     if not names:
         return None
-    y = np.array([[it.findings.get(n, 0) for n in names] for it in items])
+    y = np.array([[it.findings.get(n, -1) for n in names] for it in items])
     scores = emb @ label_embeddings(model, modality, names, "ensemble").T
-    aucs = M.per_label_auc(y, scores)
+    known = y >= 0  # adapters leave unknown findings out; they are not scored
+    aucs = np.array([M.binary_auc(y[known[:, j], j], scores[known[:, j], j])
+                     for j in range(len(names))])
     out: dict[str, Any] = {f"auc[{n}]": float(a) for n, a in zip(names, aucs) if not np.isnan(a)}
     if out:
-        out["mean_auc"] = M.mean_label_auc(y, scores)
-        if cfg.bootstrap:
+        out["mean_auc"] = float(np.nanmean(aucs))
+        if cfg.bootstrap and known.all():
             keep = ~np.isnan(aucs)
             out["ci95"] = M.label_auc_ci(y[:, keep], scores[:, keep], cfg.bootstrap,
                                          cfg.ci_level, cfg.seed)
-    out["prevalence"] = {n: float(v) for n, v in zip(names, y.mean(0))}
+    out["prevalence"] = {n: float(y[known[:, j], j].mean()) if known[:, j].any() else None
+                         for j, n in enumerate(names)}
     return out
 
 
@@ -518,7 +543,8 @@ def _ordered(models: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate(models: dict[str, Any], cohort_root: str | Path, out_dir: str | Path,
              cfg: EvalConfig | None = None, *,
-             loader: Callable[[Path, Item], Any] | None = None) -> dict:
+             loader: Callable[[Path, Item], Any] | None = None,
+             items: list[Item] | None = None) -> dict:
     """Evaluate every model (stage) on a cohort and write ``report.json``, ``report.md``, ``plots/``.
 
     Args:
@@ -527,6 +553,8 @@ def evaluate(models: dict[str, Any], cohort_root: str | Path, out_dir: str | Pat
         out_dir: Where the report and plots go (created).
         cfg: What to run; defaults to :class:`EvalConfig` ().
         loader: Reads one item (defaults to ``m3bind.io.load``); for tests.
+        items: The items to evaluate instead of ``cohort_root/manifest.csv`` (e.g. from
+            :func:`items_from_dataset`); their paths are relative to ``cohort_root`` or absolute.
 
     Returns:
         The report dict written to ``report.json``.
@@ -545,7 +573,7 @@ def evaluate(models: dict[str, Any], cohort_root: str | Path, out_dir: str | Pat
         timing[phase] = round(now - clock[0], 2)
         clock[0] = now
         log.info("evaluation: %s took %.1f s", phase, timing[phase])
-    items = read_items(root)
+    items = read_items(root) if items is None else items
     simulated = cfg.simulated if cfg.simulated is not None else detect_simulated(root, items)
     covered = set().union(*(set(m.modalities) for m in models.values()))
     mods = [m for m in MODALITIES if m in covered and (cfg.modalities is None or m in cfg.modalities)
@@ -561,9 +589,8 @@ def evaluate(models: dict[str, Any], cohort_root: str | Path, out_dir: str | Pat
                    and it.patient in keep]
         unknown = [it for it in test[m] if it.label not in labels]
         if unknown:
-            notes.append(f"{m}: {len(unknown)} test items with labels outside the modality's "
-                         f"zero-shot labels left out (e.g. {unknown[0].label!r})")
-            test[m] = [it for it in test[m] if it.label in labels]
+            notes.append(f"{m}: {len(unknown)} test items without one of the modality's zero-shot "
+                         f"labels take part in the finding and report tasks only")
         by_label: dict[str, list[Item]] = {}
         for it in items:
             if it.modality == m and it.split in cfg.support_splits and it.label in labels:
@@ -587,10 +614,13 @@ def evaluate(models: dict[str, Any], cohort_root: str | Path, out_dir: str | Pat
             if m not in model.modalities:
                 continue
             emb = cache.get(stage, test[m])
+            labels = set(SPECS[m].labels)
+            labelled = [i for i, it in enumerate(test[m]) if it.label in labels]
+            lab_items, lab_emb = [test[m][i] for i in labelled], emb[labelled]
             entry: dict[str, Any] = {}
-            for mode in cfg.zeroshot_modes:
+            for mode in cfg.zeroshot_modes if len(labelled) >= 2 else ():
                 try:
-                    res, cm = zeroshot_task(model, emb, test[m], m, mode, cfg)
+                    res, cm = zeroshot_task(model, lab_emb, lab_items, m, mode, cfg)
                 except (KeyError, ValueError, M3BindError) as e:
                     notes.append(f"{stage}/{m}: zero-shot {mode} prompts unavailable ({e})")
                     continue
@@ -602,9 +632,12 @@ def evaluate(models: dict[str, Any], cohort_root: str | Path, out_dir: str | Pat
             ml = multilabel_task(model, emb, test[m], m, cfg)
             if ml:
                 entry["multilabel"] = ml
-            entry["retrieval"] = retrieval_task(cache, stage, emb, test[m], m, cfg)
-            if pool[m]:
-                fs = fewshot_task(cache.get(stage, pool[m]), pool[m], emb, test[m], m, cfg,
+            with_text = [i for i, it in enumerate(test[m]) if it.report]
+            if len(with_text) >= 2:
+                entry["retrieval"] = retrieval_task(cache, stage, emb[with_text],
+                                                    [test[m][i] for i in with_text], m, cfg)
+            if pool[m] and len(labelled) >= 2:
+                fs = fewshot_task(cache.get(stage, pool[m]), pool[m], lab_emb, lab_items, m, cfg,
                                   notes, stage)
                 if fs:
                     entry["fewshot"] = fs
@@ -668,7 +701,7 @@ def _cross_modal(stage: str, model, mods: list[str], test: dict[str, list[Item]]
             if a == b:
                 continue
             qa, gb = _linked(test, a, b)
-            if len({it.patient for it in qa}) < 2:
+            if len({it.patient for it in qa}) < 2 or not any(it.condition for it in qa + gb):
                 continue
             qx, gx = cache.get(stage, qa), cache.get(stage, gb)
             entry = {"cross_modal": cross_modal_task(qx, qa, gx, gb, cfg)}
@@ -748,7 +781,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="model directory (repeat for several stages)")
     ap.add_argument("--stage-names", default=None,
                     help="comma-separated stage names, one per --model (default: from provenance)")
-    ap.add_argument("--data", required=True, type=Path, help="cohort folder with manifest.csv")
+    ap.add_argument("--data", required=True, type=Path,
+                    help="cohort folder with manifest.csv, or a data set's root with --dataset")
+    ap.add_argument("--dataset", default=None,
+                    help="read --data through this public data-set adapter (data_registry)")
     ap.add_argument("--out", required=True, type=Path, help="output folder")
     ap.add_argument("--config", type=Path, default=None, help="YAML file of EvalConfig fields")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -775,7 +811,8 @@ def main(argv: list[str] | None = None) -> int:
             if name in models:
                 raise ConfigError(f"two models have stage {name!r}; use --stage-names")
             models[name] = load_model(d)
-        report = evaluate(models, args.data, args.out, cfg)
+        items = items_from_dataset(args.dataset, args.data) if args.dataset else None
+        report = evaluate(models, args.data, args.out, cfg, items=items)
     except M3BindError as e:
         print(f"error: {e.line()}", file=sys.stderr)
         return 2
