@@ -26,10 +26,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from m3bind.modalities import MODALITIES, SPECS  # noqa: E402
-
-from data_registry.synthetic import cohort, generate  # noqa: E402
-from data_registry.synthetic.generate import SIZES  # noqa: E402
+from data_registry.synthetic import cohort, generate
+from data_registry.synthetic.generate import SIZES
+from m3bind.modalities import MODALITIES, SPECS
 
 log = logging.getLogger("bench_cohort")
 
@@ -117,7 +116,7 @@ def pixel_features(m: str, X: np.ndarray) -> np.ndarray:
 
 
 def _cnn(m: str, in_ch: int, n_cls: int):
-    import torch.nn as nn
+    from torch import nn
 
     if m == "ecg":
         conv, pool, bn = nn.Conv1d, nn.AdaptiveAvgPool1d, nn.BatchNorm1d
@@ -190,7 +189,7 @@ def bench_separability(per_class: int, epochs: int, seed: int, modalities=MODALI
         base = balanced_accuracy_score(y[te], lr.predict(F[te]))
         pred = train_cnn(m, X[tr], y[tr], X[te], epochs, seed)
         cnn = balanced_accuracy_score(y[te], pred)
-        out[m] = {"classes": len(labels), "items": int(len(y)), "per_class": np.bincount(y).tolist(),
+        out[m] = {"classes": len(labels), "items": len(y), "per_class": np.bincount(y).tolist(),
                   "chance": round(1 / len(labels), 3), "cnn_balanced_accuracy": round(float(cnn), 3),
                   "pixel8x8_logreg_balanced_accuracy": round(float(base), 3),
                   "seconds": round(time.perf_counter() - t0, 1)}

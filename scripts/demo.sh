@@ -11,4 +11,4 @@ if [ ! -f runs/demo/model/config.json ]; then
   .venv/bin/python train/run_all.py --config train/configs/demo.yaml --out runs/demo \
     || echo "[demo] training failed; the app opens without a trained model (see the notice)" >&2
 fi
-exec .venv/bin/m3bind serve --demo --model runs/demo/model --catalog runs/demo/archive.db "$@"
+exec .venv/bin/m3bind serve --demo "$@"

@@ -472,9 +472,10 @@ def test_unknown_dataset_names_the_known_ones(tmp_path):
 def test_ptbxl_record_loads_with_m3bind_io(tmp_path):
     """A PTB-XL-layout record written as WFDB reads back through the adapter."""
     pytest.importorskip("m3bind.io")
+    import datetime
+
     from data_registry.synthetic.ecg import LEAD_NAMES, render_ecg
     from data_registry.synthetic.writers import write_ecg_wfdb
-    import datetime
 
     make_ptbxl(tmp_path)
     sig, _ = render_ecg({}, {"hr": 60}, np.random.default_rng(0))

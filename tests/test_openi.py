@@ -7,9 +7,8 @@ import tarfile
 
 import pytest
 
-from m3bind.errors import CorruptFile, M3BindError
-
 from data_registry import openi
+from m3bind.errors import CorruptFile, M3BindError
 
 XML = b"""<?xml version="1.0" encoding="utf-8"?>
 <eCitation><uId id="CXR42"/>

@@ -10,12 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m3bind.modalities import MODALITIES, SPECS
-
-from data_registry.synthetic import (MANIFEST_COLUMNS, chance_levels, generate, primary_condition,
-                                     read_manifest, same_condition)
-from data_registry.synthetic import cohort
+from data_registry.synthetic import (
+    MANIFEST_COLUMNS,
+    chance_levels,
+    cohort,
+    generate,
+    primary_condition,
+    read_manifest,
+    same_condition,
+)
 from data_registry.synthetic.generate import CohortConfig, _annotate
+from m3bind.modalities import MODALITIES, SPECS
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +105,7 @@ def test_determinism_per_seed(tmp_path):
                 h.update(f.read_bytes())
         return h.hexdigest()
 
-    kw = dict(patients=6, progress=False, modalities=("cxr", "ecg", "retina"), test_fraction=0.34)
+    kw = {"patients": 6, "progress": False, "modalities": ("cxr", "ecg", "retina"), "test_fraction": 0.34}
     a = generate(tmp_path / "a", seed=7, **kw).parent
     b = generate(tmp_path / "b", seed=7, **kw).parent
     c = generate(tmp_path / "c", seed=8, **kw).parent

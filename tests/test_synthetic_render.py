@@ -57,7 +57,8 @@ def test_af_rr_is_irregular_and_sinus_is_not():
             rr = np.diff(_r_peaks(sig[1], fs)) / fs
             vals.append(rr.std() / rr.mean())
         cv[name] = np.mean(vals)
-    assert cv["sinus"] < 0.06 < 0.12 < cv["af"]
+    assert cv["sinus"] < 0.06
+    assert cv["af"] > 0.12
 
 
 def test_lvh_raises_qrs_voltage():
@@ -125,7 +126,7 @@ def test_ct_hounsfield_units_and_findings():
     assert vol.shape == (24, 64, 64) and len(spacing) == 3
     assert np.percentile(vol, 1) < -900  # air
     assert np.percentile(vol, 99.9) > 300  # bone
-    dense = lambda v: int((v > -300).sum())  # noqa: E731
+    dense = lambda v: int((v > -300).sum())
     for f, a in (({"lung nodule": 1}, {"nodule_mm": 25}), ({"consolidation": 1}, {}),
                  ({"pleural effusion": 1}, {"effusion_side": "bilateral"})):
         base = np.mean([dense(render_ct({}, {}, np.random.default_rng(s))[0]) for s in range(3)])
@@ -152,7 +153,7 @@ def test_retina_lesions_increase_with_grade():
         return int(((r > 190) & (g > 170) & (b < 150)).sum())
 
     def dark_red(img):  # haemorrhages / microaneurysms
-        r, g, b = (img[..., k].astype(int) for k in range(3))
+        r, g = (img[..., k].astype(int) for k in range(2))
         return int(((r < 130) & (r > 60) & (g < 40)).sum())
 
     g0 = [render_retina({}, {"dr_grade": 0}, np.random.default_rng(s)) for s in range(3)]

@@ -1,0 +1,1 @@
+"""The Gradio clinical exploration app (``m3bind serve``): see :mod:`app.web.app`."""

@@ -4,9 +4,26 @@ Importing this package imports every adapter module (they import only the standa
 and NumPy at import time; pandas, h5py and the readers load when a data set is opened).
 """
 
-from .base import DATASETS, DatasetLayoutError, MedicalDataset, Record, hash_split  # noqa: F401
-from . import (brats, camelyon, chexpert, covidx, cpsc2018, ct_rate, messidor, mimic_cxr,  # noqa: F401
-               mimic_ecg, mimic_pair, odir, padchest, ptbxl, quilt, rad_chestct, rsna_pneumonia, sicapv2,
-               skincancer)
+from . import (  # noqa: F401
+               brats,
+               camelyon,
+               chexpert,
+               covidx,
+               cpsc2018,
+               ct_rate,
+               messidor,
+               mimic_cxr,
+               mimic_ecg,
+               mimic_pair,
+               odir,
+               padchest,
+               ptbxl,
+               quilt,
+               rad_chestct,
+               rsna_pneumonia,
+               sicapv2,
+               skincancer,
+)
+from .base import DATASETS, DatasetLayoutError, MedicalDataset, Record, hash_split
 
 __all__ = ["DATASETS", "DatasetLayoutError", "MedicalDataset", "Record", "hash_split"]

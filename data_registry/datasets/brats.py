@@ -55,7 +55,6 @@ class BraTS(MedicalDataset):
     def load(self, i: int):
         """Read t1/t2/flair (and t1ce) of case ``i`` into one ``[C, Z, Y, X]`` Sample."""
         from m3bind.io import load
-
         from m3bind.io.sample import Sample
 
         rec = self.records[i]

@@ -26,7 +26,7 @@ CHEXPERT_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enl
                    "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other",
                    "Pneumonia", "Pneumothorax", "Support Devices")
 
-_SECTION = re.compile(r"^\s*([A-Z][A-Z /]+):", re.M)
+_SECTION = re.compile(r"^\s*([A-Z][A-Z /]+):", re.MULTILINE)
 
 
 def report_sections(text: str) -> dict[str, str]:

@@ -15,9 +15,9 @@ image (the ``split`` column when present). ``labels`` is empty.
 
 from __future__ import annotations
 
-from .base import DATASETS, MedicalDataset, Record, read_csv
-
 import numpy as np
+
+from .base import DATASETS, MedicalDataset, Record, read_csv
 
 
 @DATASETS.register("quilt1m")

@@ -11,10 +11,38 @@ Example:
     >>> rows = read_manifest("/tmp/cohort")                          # doctest: +SKIP
 """
 
-from .cohort import (CONDITIONS, FINDINGS, HEALTHY, condition_set, label_for, primary_condition,
-                     same_condition)
-from .generate import (MANIFEST_COLUMNS, SIZES, CohortConfig, chance_levels, cross_modal_chance, generate,
-                       read_manifest)
+from .cohort import (
+                     CONDITIONS,
+                     FINDINGS,
+                     HEALTHY,
+                     condition_set,
+                     label_for,
+                     primary_condition,
+                     same_condition,
+)
+from .generate import (
+                     MANIFEST_COLUMNS,
+                     SIZES,
+                     CohortConfig,
+                     chance_levels,
+                     cross_modal_chance,
+                     generate,
+                     read_manifest,
+)
 
-__all__ = ["CONDITIONS", "FINDINGS", "HEALTHY", "MANIFEST_COLUMNS", "SIZES", "CohortConfig", "chance_levels", "cross_modal_chance",
-           "condition_set", "generate", "label_for", "primary_condition", "read_manifest", "same_condition"]
+__all__ = [
+                     "CONDITIONS",
+                     "FINDINGS",
+                     "HEALTHY",
+                     "MANIFEST_COLUMNS",
+                     "SIZES",
+                     "CohortConfig",
+                     "chance_levels",
+                     "condition_set",
+                     "cross_modal_chance",
+                     "generate",
+                     "label_for",
+                     "primary_condition",
+                     "read_manifest",
+                     "same_condition",
+]

@@ -39,9 +39,9 @@ def run(args: argparse.Namespace) -> int:
 
     from .generate import generate
 
-    kw = dict(val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-              paired_fraction=args.paired_fraction, signal=args.signal, noise=args.noise,
-              label_noise=args.label_noise, slide_format=args.slide_format)
+    kw = {"val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
+              "paired_fraction": args.paired_fraction, "signal": args.signal, "noise": args.noise,
+              "label_noise": args.label_noise, "slide_format": args.slide_format}
     if args.modalities:
         kw["modalities"] = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
         bad = [m for m in kw["modalities"] if m not in MODALITIES]

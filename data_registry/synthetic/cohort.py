@@ -17,8 +17,8 @@ Everything here is deterministic per seed: a patient's random stream is
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import datetime as _dt
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -165,7 +165,7 @@ def canonical_findings(modality: str, label: str, rng: np.random.Generator) -> t
 def _sample_conditions(rng: np.random.Generator, age: int, sex: str) -> tuple[str, ...]:
     """Correlated systemic conditions of a hospital cohort (plausible, not epidemiology)."""
     a = (age - 60) / 15.0
-    logit = lambda z: 1.0 / (1.0 + np.exp(-z))  # noqa: E731
+    logit = lambda z: 1.0 / (1.0 + np.exp(-z))
     has: dict[str, bool] = {}
     has["hypertension"] = rng.random() < logit(-0.7 + 0.9 * a)
     has["diabetes"] = rng.random() < logit(-1.6 + 0.4 * a + 0.5 * has["hypertension"])
@@ -184,7 +184,7 @@ def _sample_conditions(rng: np.random.Generator, age: int, sex: str) -> tuple[st
 def _findings(p: Patient, rng: np.random.Generator, signal: float) -> None:
     """Fill ``p.findings`` and ``p.attrs`` for every modality from the patient's conditions."""
     c = set(p.conditions)
-    side = lambda: str(rng.choice(["left", "right"]))  # noqa: E731
+    side = lambda: str(rng.choice(["left", "right"]))
     # -- chest X-ray
     hf, pn, lc = "heart_failure" in c, "pneumonia" in c, "lung_cancer" in c
     cardiomegaly = hf and rng.random() < 0.8
@@ -291,12 +291,12 @@ def build_patients(n: int, seed: int, *, val_fraction: float = 0.1, test_fractio
         raise ValueError("paired_fraction must be in [0, 1]")
     split_rng = np.random.default_rng([seed, 0x5EED])
     order = split_rng.permutation(n)
-    n_test, n_val = int(round(test_fraction * n)), int(round(val_fraction * n))
+    n_test, n_val = round(test_fraction * n), round(val_fraction * n)
     split_of = np.array(["train"] * n, dtype=object)
     split_of[order[:n_test]] = "test"
     split_of[order[n_test:n_test + n_val]] = "val"
     train_idx = order[n_test + n_val:]
-    paired = set(int(i) for i in train_idx[: int(round(paired_fraction * len(train_idx)))])
+    paired = {int(i) for i in train_idx[: round(paired_fraction * len(train_idx))]}
     patients = []
     for i in range(n):
         rng = np.random.default_rng([seed, i, 1])

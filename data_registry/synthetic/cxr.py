@@ -55,7 +55,7 @@ def render_cxr(findings: dict, attrs: dict, rng: np.random.Generator, size: int 
     body = ndimage.gaussian_filter(body.astype(float), 1.5 * ss)
     dens = 0.40 * body
     thorax_w = 0.74 * (1 + noise * rng.uniform(-0.08, 0.06))  # habitus
-    dome = lambda xc, base: base - 0.16 * np.clip(1 - ((x - xc) / 0.45) ** 2, 0, 1)  # noqa: E731
+    dome = lambda xc, base: base - 0.16 * np.clip(1 - ((x - xc) / 0.45) ** 2, 0, 1)
     diaph = np.where(x < 0, dome(-0.36, 0.58 + insp), dome(0.36, 0.63 + insp))  # right dome higher
     above = y < diaph
     # lung outline: narrow rounded apices widening towards the costophrenic angles

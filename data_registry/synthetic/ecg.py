@@ -92,7 +92,7 @@ def render_ecg(findings: dict, attrs: dict, rng: np.random.Generator, fs: float 
         :data:`LEAD_NAMES`), ``heart_rate`` the mean ventricular rate in beats per minute.
     """
     sig = float(attrs.get("signal", 1.0))
-    n = int(round(fs * seconds))
+    n = round(fs * seconds)
     t = np.arange(n) / fs
     af = bool(findings.get("atrial fibrillation"))
     lvh = bool(findings.get("left ventricular hypertrophy"))
@@ -141,7 +141,7 @@ def render_ecg(findings: dict, attrs: dict, rng: np.random.Generator, fs: float 
         wave(t_center, 0.045, t_dir, t_amp * (1.3 if mi else 1.0))
         if st_vec.any():  # ST plateau from the J point into the T wave
             lo, hi = int((b + 0.04) * fs), int(min((t_center + 0.02) * fs, n))
-            if hi > lo and lo >= 0:
+            if hi > lo >= 0:
                 tt = t[lo:hi]
                 env = 1 / (1 + np.exp(-(tt - b - 0.05) / 0.006)) * 1 / (1 + np.exp((tt - t_center) / 0.03))
                 dip[lo:hi] += env[:, None] * st_vec[None, :]

@@ -112,7 +112,7 @@ def _render_and_write(root: Path, p: _cohort.Patient, m: str, cfg: CohortConfig,
     sz = SIZES[cfg.size]
     item_id = f"{p.patient_id}_{m}"
     rel = Path(m) / p.patient_id
-    who = dict(patient_id=p.patient_id, age=p.age, sex=p.sex, date=date)
+    who = {"patient_id": p.patient_id, "age": p.age, "sex": p.sex, "date": date}
     if m == "cxr":
         img, spacing = render_cxr(findings, attrs, rng, size=sz["cxr"], noise=cfg.noise)
         rel = rel / f"{item_id}.dcm"

@@ -98,7 +98,7 @@ def render_mri(findings: dict, attrs: dict, rng: np.random.Generator, shape=(16,
         lab[(dd < rad) & brain] = idx["tumor"]
     contrast = np.array([_CONTRAST[k] for k in names], dtype=np.float32)
     contrast = np.vstack([np.zeros((1, 4), np.float32), contrast])
-    smooth = lambda v: ndimage.gaussian_filter(v, (0.4, 0.6, 0.6))  # noqa: E731
+    smooth = lambda v: ndimage.gaussian_filter(v, (0.4, 0.6, 0.6))
     bias = 1 + 0.12 * noise * (rng.normal() * x + rng.normal() * y + 0.5 * rng.normal() * z)
     out = {}
     for si, seq in enumerate(SEQUENCES):

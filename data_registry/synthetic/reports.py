@@ -79,8 +79,9 @@ _CXR_POS = {
     "cardiomegaly": ("The cardiac silhouette is enlarged.", "Cardiomegaly.", "Enlarged heart size.",
                      "The heart is enlarged, cardiothoracic ratio {ctr:.2f}.",
                      "Moderate cardiomegaly is present."),
-    "pleural effusion": ("{side} pleural effusion.", "Blunting of the {side} costophrenic angle "
-                         "consistent with effusion.", "There is a {side} pleural effusion.",
+    "pleural effusion": ("{side} pleural effusion.",
+                         "Blunting of the {side} costophrenic angle consistent with effusion.",
+                         "There is a {side} pleural effusion.",
                          "Small to moderate {side} pleural effusion with meniscus."),
     "consolidation": ("Airspace consolidation in the {side} {zone} zone.",
                       "{side} {zone} zone opacity with air bronchograms.",
@@ -121,8 +122,8 @@ def cxr_report(findings: dict, attrs: dict, conditions: tuple[str, ...], rng: np
              "consolidation": attrs.get("consolidation_side", "right"),
              "lung mass": attrs.get("mass_side", attrs.get("nodule_side", "right")),
              "lung nodule": attrs.get("nodule_side", "right")}
-    fmt = dict(ctr=attrs.get("ctr", 0.6), mm=attrs.get("nodule_mm", 15.0), zone=attrs.get("consolidation_zone", "lower"),
-               size=_pick(rng, ("large", "3 cm", "rounded", "spiculated")))
+    fmt = {"ctr": attrs.get("ctr", 0.6), "mm": attrs.get("nodule_mm", 15.0), "zone": attrs.get("consolidation_zone", "lower"),
+               "size": _pick(rng, ("large", "3 cm", "rounded", "spiculated"))}
     lines = [history_line(conditions, rng)]
     if ct:
         lines.append(_pick(rng, ("Technique: axial CT of the chest.", "CT chest without contrast.",

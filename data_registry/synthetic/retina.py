@@ -93,9 +93,9 @@ def render_retina(findings: dict, attrs: dict, rng: np.random.Generator, size: i
             col = (120, 20, 18) if kind == "vein" else (185, 45, 30)
             for i in range(len(pts) - 1):
                 ww = w * (1 + 0.5 * np.sin(i * 1.3)) if (beading and kind == "vein") else w
-                draw.line([tuple(pts[i]), tuple(pts[i + 1])], fill=col, width=max(int(round(ww)), 1))
+                draw.line([tuple(pts[i]), tuple(pts[i + 1])], fill=col, width=max(round(ww), 1))
     grade = int(attrs.get("dr_grade", 0))
-    fov = lambda: (cx + rng.normal(0, n * 0.18), cy + rng.normal(0, n * 0.15))  # noqa: E731
+    fov = lambda: (cx + rng.normal(0, n * 0.18), cy + rng.normal(0, n * 0.15))
     if grade >= 1 and findings.get("microaneurysms"):
         for _ in range(int((4 + 6 * grade) * sig)):
             x, y = fov()

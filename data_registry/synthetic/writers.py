@@ -184,7 +184,7 @@ def write_pyramidal_tiff(path: Path, rgb: np.ndarray, *, mpp: float, tile: int =
     h, w = rgb.shape[:2]
     res = (1e4 / mpp, 1e4 / mpp)  # pixels per centimetre
     with tifffile.TiffWriter(path, bigtiff=False) as tif:
-        opts = dict(photometric="rgb", tile=(tile, tile), compression="zlib", resolutionunit="CENTIMETER")
+        opts = {"photometric": "rgb", "tile": (tile, tile), "compression": "zlib", "resolutionunit": "CENTIMETER"}
         tif.write(rgb, resolution=res, description=description or None, metadata=None, **opts)
         for lv in range(1, levels + 1):
             f = 2 ** lv
