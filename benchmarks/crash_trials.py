@@ -64,18 +64,18 @@ def _quiet_child() -> None:
 
 
 # ------------------------------------------------------------------------------ indexing
-def _index_child(archive: str, db: str, model: str) -> None:
+def _index_child(archive: str, db: str, model: str, batch_size: int = 32) -> None:
     _quiet_child()
     from data_registry.indexer import index_archive
 
-    res = index_archive(archive, db, model, workers=0, progress=False)
+    res = index_archive(archive, db, model, workers=0, progress=False, batch_size=batch_size)
     Path(db + ".result.json").write_text(json.dumps(res))
 
 
-def run_index(archive: Path, db: Path, model: Path, kill_after: float | None) -> dict[str, Any]:
+def run_index(archive: Path, db: Path, model: Path, kill_after: float | None, batch_size: int = 32) -> dict[str, Any]:
     """Index in a forked child; SIGKILL it after ``kill_after`` seconds (None: let it finish)."""
     ctx = _ctx()
-    p = ctx.Process(target=_index_child, args=(str(archive), str(db), str(model)))
+    p = ctx.Process(target=_index_child, args=(str(archive), str(db), str(model), batch_size))
     t0 = time.monotonic()
     p.start()
     p.join(kill_after)
@@ -117,7 +117,7 @@ def catalogue_state(db: Path) -> dict[str, Any]:
                 if not path.exists():
                     faiss_ok, faiss_detail[mod] = False, "missing"
                     continue
-                got = sorted(int(i) for i in np.asarray(VectorIndex.load(path).ids))
+                got = sorted(int(i) for i in np.asarray(VectorIndex.load(path).ids()))
                 if got != want:
                     faiss_ok = False
                     faiss_detail[mod] = f"faiss {len(got)} ids vs catalogue {len(want)}"
@@ -135,7 +135,8 @@ def catalogue_state(db: Path) -> dict[str, Any]:
     }
 
 
-def index_trials(work: Path, n: int, patients: int, rng: random.Random, save=None) -> dict[str, Any]:
+def index_trials(work: Path, n: int, patients: int, rng: random.Random, save=None,
+                 batch_size: int = 32) -> dict[str, Any]:
     from data_registry.synthetic import generate
     from m3bind.testing import build_tiny_model
 
@@ -148,16 +149,16 @@ def index_trials(work: Path, n: int, patients: int, rng: random.Random, save=Non
     ref_db = work / "ref.db"
     for p in work.glob("ref.db*"):
         p.unlink() if p.is_file() else None
-    ref = run_index(archive, ref_db, model, None)
+    ref = run_index(archive, ref_db, model, None, batch_size)
     ref_state = catalogue_state(ref_db)
     log.info("reference indexing: %s items in %.1fs", ref_state["n_items"], ref["seconds"])
     trials = []
     for t in range(n):
         db = work / f"trial{t:02d}.db"
-        kill_at = rng.uniform(0.05, 1.0) * ref["seconds"]
-        first = run_index(archive, db, model, kill_at)
+        kill_at = rng.uniform(0.05, 0.9) * ref["seconds"]
+        first = run_index(archive, db, model, kill_at, batch_size)
         after_kill = catalogue_state(db) if db.exists() else None
-        second = run_index(archive, db, model, None)
+        second = run_index(archive, db, model, None, batch_size)
         st = catalogue_state(db)
         res = second.get("result", {})
         ok = (second["exitcode"] == 0 and st["integrity"] == "ok" and st["items"] == ref_state["items"]
@@ -178,7 +179,7 @@ def index_trials(work: Path, n: int, patients: int, rng: random.Random, save=Non
         for p in work.glob(f"trial{t:02d}.db*"):
             if p.is_file():
                 p.unlink()
-    return {"reference": {"seconds": ref["seconds"], "n_items": ref_state["n_items"],
+    return {"batch_size": batch_size, "reference": {"seconds": ref["seconds"], "n_items": ref_state["n_items"],
                           "n_embeddings": ref_state["n_embeddings"], "failures": len(ref_state["failures"]),
                           "result": ref.get("result")},
             "trials": trials, "n": len(trials), "killed": sum(t["killed"] for t in trials),
@@ -330,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", default=",".join(STAGES), help="training stages to kill, comma-separated")
     ap.add_argument("--patients", type=int, default=12, help="patients of the simulated archive")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=32, help="indexer commit batch (small: many commits to kill between)")
     ap.add_argument("--skip-index", action="store_true")
     ap.add_argument("--skip-train", action="store_true")
     args = ap.parse_args(argv)
@@ -354,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_index:
         result["indexing"] = index_trials(args.work / "index", args.index_trials, args.patients, rng,
-                                          partial("indexing"))
+                                          partial("indexing"), args.batch_size)
         save()
     if not args.skip_train:
         result["training"] = train_trials(args.work, args.train_trials, rng, partial("training"),

@@ -24,7 +24,7 @@ from fuzz import fuzz_readers as fr  # noqa: E402
 from fuzz.seeds import SEEDS  # noqa: E402
 
 #: Executions per reader: a few hundred in all, seconds per reader (slides decode slowest).
-EXAMPLES = {"dicom": 120, "nifti": 80, "wfdb": 120, "photo": 100, "slide": 25}
+EXAMPLES = {"dicom": 100, "nifti": 60, "wfdb": 80, "photo": 80, "slide": 20}
 
 
 @pytest.fixture(scope="module")

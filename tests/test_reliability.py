@@ -35,6 +35,7 @@ def test_dicom_huge_element_length_does_not_allocate_it(sample_file, tmp_path):
     data[i + 8:i + 12] = struct.pack("<I", 0xFFFFFFF0)
     p = tmp_path / "huge_length.dcm"
     p.write_bytes(bytes(data))
+    m3bind.io.load(sample_file("ct_dicom"))  # imports and codec set-up happen outside the trace
     tracemalloc.start()
     try:
         try:  # the clamped read gets the rest of the file: a one-line error or the image itself
@@ -192,6 +193,22 @@ def test_wfdb_signal_file_outside_record_folder_refused(tmp_path, name):
     with pytest.raises(CorruptFile, match="outside the record folder"):
         _confined(name, hea)
     _confined("rec.dat", hea)  # a plain name in the record's folder is fine
+
+
+def test_wfdb_declared_signal_count_must_match_its_lines(tmp_path):
+    """Finding (a hang): ``n_sig = 99999999`` with 2 signal lines and ``sig_len = 0`` kept wfdb
+    busy for minutes; the header is now refused at once."""
+    import time
+
+    hea = _wfdb_record(tmp_path / "rec")
+    lines = hea.read_text().splitlines()
+    f = lines[0].split()
+    f[1], f[3] = "99999999", "0"
+    hea.write_text("\n".join([" ".join(f)] + lines[1:]) + "\n")
+    t0 = time.perf_counter()
+    with pytest.raises(CorruptFile, match="declares 99999999 signals"):
+        m3bind.io.load(hea)
+    assert time.perf_counter() - t0 < 5
 
 
 def test_wfdb_comments_are_not_metadata_without_keep_phi(tmp_path):

@@ -26,6 +26,8 @@ from m3bind.modalities import ECG
 
 log = logging.getLogger(__name__)
 
+#: Most channels a record may declare (12-lead ECGs have 12-15; polysomnograms a few dozen).
+MAX_SIGNALS = 1024
 _UNITS_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3, "nv": 1e-6}
 _COMMENT_KV = re.compile(r"<?([A-Za-z][\w ]*?)>?\s*:\s*(.*?)(?=\s*<?[A-Za-z][\w ]*>?\s*:|$)")
 _COMMENT_KEYS = {"age": "age", "sex": "sex", "gender": "sex", "dx": "diagnosis", "diagnosis": "diagnosis",
@@ -108,10 +110,14 @@ def read_wfdb(path: str | os.PathLike, *, keep_phi: bool = False) -> Sample:
     n_sig = int(header.n_sig or 0)
     if n_sig == 0:
         raise UnsupportedFormat("WFDB record without signals", hea)
+    described = len(getattr(header, "file_name", None) or getattr(header, "seg_name", None) or [])
+    if n_sig > MAX_SIGNALS or (not isinstance(header, wfdb.MultiRecord) and described != n_sig):
+        # found by fuzzing: n_sig = 99999999 with two signal lines made wfdb loop for minutes
+        raise CorruptFile(f"WFDB header declares {n_sig} signals but describes {described}", hea)
     if not header.fs or header.fs <= 0:
         raise CorruptFile("WFDB header without a sampling frequency", hea)
     sig_len = header.sig_len
-    if sig_len is None:  # unknown length: bound it by the signal files' sizes (>= 1 byte/value)
+    if not sig_len:  # unknown (or 0: read to the end): bound it by the signal files' sizes (>= 1 byte/value)
         sig_len = sum((base.parent / n).stat().st_size for n in set(getattr(header, "file_name", []) or []))
     check_signal(n_sig * int(sig_len), hea)
     try:
