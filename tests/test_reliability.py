@@ -88,6 +88,49 @@ def test_dicom_damaged_vr_is_a_corrupt_file(sample_file, tmp_path):
         m3bind.io.load(p)
 
 
+# ------------------------------------------------------------------------------ photo findings
+def test_png_huge_chunk_length_does_not_allocate_it(sample_file, tmp_path):
+    """Finding: Pillow's PNG plugin read ``fp.read(length)`` of a damaged IDAT length (MemoryError)."""
+    data = bytearray(sample_file("grey_png").read_bytes())
+    i = data.find(b"IDAT") - 4
+    data[i:i + 4] = struct.pack(">I", 0xFFFFFFF0)
+    p = tmp_path / "chunk.png"
+    p.write_bytes(bytes(data))
+    m3bind.io.load(sample_file("grey_png"), "cxr")  # imports outside the trace
+    tracemalloc.start()
+    try:
+        try:
+            m3bind.io.load(p, "cxr")
+        except M3BindError as e:
+            assert not isinstance(e.__context__, MemoryError), e
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"peak allocation {peak / 2**20:.0f} MiB"
+
+
+def test_tiff_single_sample_axis_reads_as_grey(tmp_path):
+    """Finding: a TIFF whose SamplesPerPixel count is damaged (Pillow refuses it) came back from
+    tifffile as ``[H, W, 1]`` and crashed the modality guess with IndexError."""
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 255, size=(64, 64, 3), dtype=np.uint8)
+    p = tmp_path / "one.tif"
+    Image.fromarray(rgb).save(p, format="TIFF")
+    data = bytearray(p.read_bytes())
+    sys.path.insert(0, str(REPO))
+    from fuzz.mutators import tiff_entries
+
+    e = next(e for e in tiff_entries(bytes(data)) if e[1] == 277)  # SamplesPerPixel
+    data[e[0] + 4:e[0] + 8] = struct.pack(e[4] + "I", 8)  # count 8: Pillow gives up, tifffile reads
+    p.write_bytes(bytes(data))
+    s = m3bind.io.load(p)
+    # tifffile falls back to one sample per pixel: the first H*W interleaved bytes, as grey
+    grey = rgb.reshape(-1)[:64 * 64].reshape(64, 64)
+    assert s.modality == "cxr" and s.array.shape == (64, 64)
+    np.testing.assert_allclose(s.array, grey / 255.0, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------ NIfTI findings
 def _nifti_with(sample_file, tmp_path, offset: int, fmt: str, value) -> Path:
     data = bytearray(sample_file("nifti_anat").read_bytes())

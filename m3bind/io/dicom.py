@@ -34,6 +34,7 @@ import numpy as np
 from m3bind.errors import CorruptFile, M3BindError, UnsupportedFormat
 from m3bind.io.leads import STANDARD_LEADS, map_leads
 from m3bind.io.limits import LIMITS, check_file, check_pixels, check_signal
+from m3bind.io.limits import ClampedFile as _ClampedFile
 from m3bind.io.sample import Sample
 from m3bind.modalities import CT, CXR, ECG, MODALITIES, MRI, PATHOLOGY, RETINA
 
@@ -57,26 +58,6 @@ _PHI_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientID
 
 
 # ---------------------------------------------------------------------------- header helpers
-class _ClampedFile:
-    """A binary file whose ``read(n)`` never asks for more than what is left of the file.
-
-    pydicom reads an element with ``fp.read(length)`` where ``length`` comes from the file;
-    CPython allocates ``length`` bytes before reading, so a damaged length of 4 GiB would
-    allocate 4 GiB for a file of a few kilobytes (found by fuzzing).
-    """
-
-    def __init__(self, f, size: int):
-        self._f, self._size = f, size
-
-    def read(self, n: int | None = -1) -> bytes:
-        if n is None or n < 0:
-            return self._f.read()
-        return self._f.read(max(0, min(n, self._size - self._f.tell())))
-
-    def __getattr__(self, name: str):
-        return getattr(self._f, name)
-
-
 def read_header(path: str | os.PathLike, *, pixels: bool = False):
     """Parse a DICOM file (without pixel data unless ``pixels``); one-line errors on junk."""
     import pydicom

@@ -69,3 +69,28 @@ def check_signal(n: int, path: str | os.PathLike) -> None:
     """Raise :class:`TooLarge` when a signal of ``n`` values (leads x samples) is too long."""
     if n > LIMITS.max_signal_values:
         raise TooLarge(f"signal of {n} values exceeds the limit of {LIMITS.max_signal_values}", path)
+
+
+class ClampedFile:
+    """A binary file whose ``read(n)`` never asks for more than what is left of the file.
+
+    Decoders read a chunk or element with ``fp.read(length)`` where ``length`` comes from the
+    file; CPython allocates ``length`` bytes before reading, so a damaged length of 4 GiB
+    allocates 4 GiB for a file of a few kilobytes (found by fuzzing, in pydicom and in
+    Pillow's PNG plugin). Everything else is delegated to the wrapped file.
+
+    Args:
+        f: An open binary file.
+        size: Its size in bytes.
+    """
+
+    def __init__(self, f, size: int):
+        self._f, self._size = f, size
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0:
+            return self._f.read()
+        return self._f.read(max(0, min(n, self._size - self._f.tell())))
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)

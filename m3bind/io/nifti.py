@@ -101,7 +101,6 @@ def read_nifti(path: str | os.PathLike, modality: str | None = None) -> Sample:
     guess = modality is None
     mod = modality or _guess_modality(arr)
     channel_names = [f"vol{i}" for i in range(arr.shape[0])] if arr.ndim == 4 else None
-    import nibabel as nib
 
     meta = {
         "source_orientation": _axcodes(source_affine),

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from m3bind.errors import CorruptFile, TooLarge, UnsupportedFormat
-from m3bind.io.limits import LIMITS, check_file, check_pixels
+from m3bind.io.limits import LIMITS, ClampedFile, check_file, check_pixels
 from m3bind.io.sample import Sample
 from m3bind.modalities import CXR, PATHOLOGY, RETINA
 
@@ -39,10 +39,15 @@ def _read_pillow(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     from PIL import Image, ImageOps
 
     Image.MAX_IMAGE_PIXELS = LIMITS.max_pixels
+    with open(path, "rb") as f:
+        return _decode_pillow(Image, ImageOps, ClampedFile(f, os.path.getsize(path)), path)
+
+
+def _decode_pillow(Image, ImageOps, fp, path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(fp)
             w, h = im.size
             bands = len(im.getbands())
             check_pixels(w * h * bands, path, "image")
@@ -198,6 +203,8 @@ def read_photo(path: str | os.PathLike, fmt: str, modality: str | None = None) -
     if modality is not None and modality not in PHOTO_MODALITIES:
         raise UnsupportedFormat(f"a {fmt.upper()} image cannot be read as {modality}", path)
     arr, meta = read_pixels(path, fmt)
+    if arr.ndim == 3 and arr.shape[-1] < 3:  # grey (+ alpha) stored with a samples axis (fuzzing)
+        arr = arr[..., 0]
     if arr.ndim not in (2, 3):
         raise UnsupportedFormat(f"image of shape {arr.shape} is neither grey nor RGB", path)
     guess = modality is None
