@@ -266,7 +266,7 @@ def run_case(reader: str, seeds: list, seed: int, case: int, workdir: Path) -> d
         signal.alarm(0)
         res.update(outcome="memory", exc="MemoryError", message=str(e)[:200],
                    location=_location(traceback.extract_tb(e.__traceback__)))
-    except BaseException as e:  # noqa: BLE001 - everything else is a finding
+    except BaseException as e:
         signal.alarm(0)
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
@@ -288,7 +288,6 @@ def _wfdb_escape(files: dict[str, bytes]) -> str | None:
 def worker_main(conn, reader: str, seed: int, mem_mb: int, workdir: str) -> None:
     """Worker loop: receive case numbers, answer result dicts; capped address space."""
     import resource
-
     import warnings
 
     logging.disable(logging.CRITICAL)
@@ -299,12 +298,12 @@ def worker_main(conn, reader: str, seed: int, mem_mb: int, workdir: str) -> None
     for k, v in WORKER_LIMITS.items():
         setattr(m3bind.io.LIMITS, k, v)
     seeds = SEEDS[reader]()
-    import m3bind.io.detect  # noqa: F401 - import every reader now, before the cap
-    import m3bind.io.dicom  # noqa: F401
-    import m3bind.io.nifti  # noqa: F401
-    import m3bind.io.photo  # noqa: F401
-    import m3bind.io.wfdb_reader  # noqa: F401
-    import m3bind.io.wsi  # noqa: F401
+    import m3bind.io.detect
+    import m3bind.io.dicom
+    import m3bind.io.nifti
+    import m3bind.io.photo
+    import m3bind.io.wfdb_reader
+    import m3bind.io.wsi
 
     def _alarm(*_):
         raise SoftTimeout()
@@ -411,7 +410,8 @@ def io_code_hash() -> str:
 
 def machine() -> dict[str, Any]:
     """CPU model, core count and load, for the record (the machine is shared)."""
-    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    with open("/proc/cpuinfo") as f:
+        model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
     return {"cpu": model, "cores": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "python": platform.python_version()}
 
 

@@ -111,7 +111,7 @@ def tiff_tag(rng: random.Random, data: bytes) -> bytes:
     picks = [e for e in entries if e[1] in TIFF_TAGS] or entries
     if not picks:
         return generic(rng, data)
-    e, tag, typ, count, bo = rng.choice(picks)
+    e, _tag, typ, count, bo = rng.choice(picks)
     b = bytearray(data)
     r = rng.random()
     if r < 0.7:  # value field (inline SHORT/LONG or the offset of out-of-line values)
@@ -130,7 +130,7 @@ def tiff_description(rng: random.Random, data: bytes) -> bytes:
     """Rewrite numbers in the ImageDescription text (Aperio ``AppMag``/``MPP``, the level sizes)."""
     import re
 
-    for e, tag, typ, count, bo in tiff_entries(data):
+    for e, tag, _typ, count, bo in tiff_entries(data):
         if tag != 270 or count <= 4:
             continue
         off = struct.unpack(bo + "I", data[e + 8:e + 12])[0]
@@ -169,7 +169,7 @@ def png_chunk(rng: random.Random, data: bytes) -> bytes:
         body = bytes(b[i + 4:i + 8 + 13])
         b[i + 21:i + 25] = struct.pack(">I", zlib.crc32(body))
         return bytes(b)
-    i, n, typ = rng.choice(chunks)
+    i, n, _typ = rng.choice(chunks)
     if r < 0.7:
         b[i:i + 4] = struct.pack(">I", interesting(rng, 32))
         return bytes(b)

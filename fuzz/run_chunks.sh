@@ -14,7 +14,7 @@ while :; do
     n=$(.venv/bin/python -c "import json,sys;print(json.load(open('$OUT/fuzz_$r.json'))['execs'])" 2>/dev/null || echo 0)
     [ "$n" -ge "$TARGET" ] && continue
     all_done=0
-    chunk=2000; [ "$r" = slide ] && chunk=300
+    chunk=${CHUNK:-2000}; [ "$r" = slide ] && chunk=${SLIDE_CHUNK:-300}
     nice -n 19 .venv/bin/python -m fuzz.fuzz_readers --reader "$r" --execs $chunk --workers 1 \
       --out "$OUT/fuzz_$r.json" --resume >> "$OUT/fuzz_log.txt" 2>&1
   done

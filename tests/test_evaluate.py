@@ -277,6 +277,8 @@ def test_eval_config_validation_and_yaml_mapping():
 def test_stage_name_from_provenance(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"provenance": {"stage": "bound"}}))
     assert ev.stage_name(tmp_path) == "bound"
+    (tmp_path / "config.json").write_text(json.dumps({"provenance": {"stage": "distill"}}))
+    assert ev.stage_name(tmp_path) == "distilled"  # train/run_all's stage names map to the report's
     assert ev.stage_name(tmp_path / "missing") is None
 
 

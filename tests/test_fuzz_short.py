@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fuzz import fuzz_readers as fr  # noqa: E402
-from fuzz.seeds import SEEDS  # noqa: E402
+from fuzz import fuzz_readers as fr
+from fuzz.seeds import SEEDS
 
 #: Executions per reader: a few hundred in all, seconds per reader (slides decode slowest).
 EXAMPLES = {"dicom": 100, "nifti": 60, "wfdb": 80, "photo": 80, "slide": 20}

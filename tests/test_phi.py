@@ -63,8 +63,9 @@ def plant_wfdb(ecg_dicom: Path, folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def phi_archive(tmp_path_factory):
     """An archive with the planted CT slice and ECG record, indexed into SQLite with the tiny model."""
-    from app.web.testing import tiny_model_dir
     from samples import require
+
+    from app.web.testing import tiny_model_dir
 
     tmp = tmp_path_factory.mktemp("phi")
     root = tmp / "archive"
@@ -109,9 +110,10 @@ def test_inspect_json_and_logs_are_free_of_phi(phi_archive, which, capsys, debug
 @pytest.mark.parametrize("which", ["ct", "hea"])
 def test_previews_are_free_of_phi(phi_archive, which, tmp_path, debug_logs):
     """Preview pixels equal those of the same file with other identifiers; the PNG holds none."""
+    from samples import require
+
     import m3bind.io
     from m3bind.render import preview, save_preview
-    from samples import require
 
     s = m3bind.io.load(phi_archive[which])
     if which == "ct":

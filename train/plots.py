@@ -60,8 +60,9 @@ def fewshot_curves(report: dict, path: Path) -> bool:
             pts = sorted((v["shots"], v["accuracy_mean"], v["accuracy_std"]) for v in fs.values())
             k, mean, std = (np.array(x, dtype=float) for x in zip(*pts))
             c = _stage_colour(stage, i)
-            ax.plot(k, mean, "o-", color=c, label=f"{stage} probe")
-            ax.fill_between(k, mean - std, mean + std, color=c, alpha=0.15)
+            ax.errorbar(k, mean, yerr=std, fmt="o-", color=c, capsize=3, label=f"{stage} probe")
+            if len(k) > 1:
+                ax.fill_between(k, mean - std, mean + std, color=c, alpha=0.15)
             zs = by_mod.get(m, {}).get("zeroshot", {})
             if zs.get("accuracy") is not None:
                 ax.axhline(zs["accuracy"], color=c, ls="--", lw=1, label=f"{stage} zero-shot")
@@ -74,6 +75,7 @@ def fewshot_curves(report: dict, path: Path) -> bool:
         ax.set_xticks(sorted({v["shots"] for s in metrics
                               for v in metrics[s].get(m, {}).get("fewshot", {}).values()}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_ylim(-0.02, 1.04)
         ax.set_title(SPECS[m].title)
         ax.set_xlabel("shots per class (K)")
@@ -87,7 +89,7 @@ def fewshot_curves(report: dict, path: Path) -> bool:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
     labels = list(handles)
-    fig.suptitle(f"Few-shot linear probes (band: ± 1 std over support sets; dashed: zero-shot)"
+    fig.suptitle(f"Few-shot linear probes (bars: ± 1 std over support sets; dashed: zero-shot)"
                  f"{_suffix(report)}")
     if spare:  # the legend takes an empty panel
         spare[0].legend([handles[k] for k in labels], labels, loc="center", fontsize=9)

@@ -206,11 +206,12 @@ def read_slide(path: str | os.PathLike, *, magnification: float = 20.0, tile_siz
         if rows * cols > MAX_GRID_CELLS:
             raise TooLarge(f"tiling of {rows} x {cols} cells exceeds {MAX_GRID_CELLS}", path)
         frac = _cell_fractions(mask, rows, cols, tile0 * sy, tile0 * sx)
-        rr, cc = np.nonzero(frac >= min_tissue)
-        cells = [(float(frac[r, c]), int(r), int(c)) for r, c in zip(rr, cc)]
+        rr, cc = np.nonzero(frac >= min_tissue)  # row-major: ties keep (row, col) order
+        n_tissue = len(rr)
         cap = LIMITS.max_tiles if max_tiles is None else min(max_tiles, LIMITS.max_tiles)
-        cells.sort(key=lambda t: (-t[0], t[1], t[2]))
-        chosen = cells[:cap]
+        best = np.argsort(-frac[rr, cc], kind="stable")[:cap]  # no Python list of millions of cells (fuzzing)
+        cells = [(float(frac[rr[i], cc[i]]), int(rr[i]), int(cc[i])) for i in best]
+        chosen = cells
         check_pixels(len(chosen) * tile_size * tile_size * 3, path, "slide tiles")
         level = slide.get_best_level_for_downsample(factor)
         ds_level = slide.level_downsamples[level]
@@ -231,7 +232,7 @@ def read_slide(path: str | os.PathLike, *, magnification: float = 20.0, tile_siz
     info["tile_grid"] = {
         "magnification": float(magnification), "tile_size": int(tile_size), "tile_size_level0": tile0,
         "read_level": int(level), "rows": int(rows), "cols": int(cols), "tissue_threshold": thr,
-        "n_tissue": len(cells), "n_tiles": len(chosen),
+        "n_tissue": n_tissue, "n_tiles": len(chosen),
         "coords": [[c * tile0, r * tile0] for _, r, c in chosen],
         "tissue": [round(f, 3) for f, _, _ in chosen],
     }

@@ -51,6 +51,8 @@ FEWSHOT_DEFAULTS: dict[str, tuple[int, ...]] = {
 
 ZEROSHOT_MODES = ("ensemble", "naive", "expert")
 STAGE_ORDER = ("zoo", "bound", "distilled")
+#: Training-stage names recorded in model provenance -> report stage names.
+PROVENANCE_STAGES = {"pretrain": "zoo", "bind": "bound", "distill": "distilled"}
 
 
 @dataclass
@@ -664,7 +666,7 @@ def stage_name(model_dir: Path) -> str | None:
             continue
         prov = data.get(key) if key else data
         if isinstance(prov, dict) and isinstance(prov.get("stage"), str):
-            return prov["stage"]
+            return PROVENANCE_STAGES.get(prov["stage"], prov["stage"])
     return None
 
 
