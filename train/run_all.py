@@ -206,7 +206,8 @@ def run(cfg: TrainConfig, out: Path) -> dict[str, Any]:
         # no distillation: the bound model (one text encoder per modality) is the final model
         finish("distill", BoundModel.from_teachers(bound, name=cfg.name), {"skipped": True})
 
-    summary["train_seconds"] = round(time.time() - t_start, 1)
+    # accumulated over resumed runs of the same folder
+    summary["train_seconds"] = round(float(summary.get("train_seconds", 0.0)) + time.time() - t_start, 1)
     if info.is_main:
         atomic_write_json(summary_path, summary)
 
