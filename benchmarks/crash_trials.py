@@ -284,7 +284,8 @@ def max_weight_diff(a: Path, b: Path) -> float | None:
     return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa) if wa else 0.0
 
 
-def train_trials(work: Path, n: int, rng: random.Random, save=None, stages=STAGES) -> dict[str, Any]:
+def train_trials(work: Path, n: int, rng: random.Random, save=None, stages=STAGES,
+                 max_delay: float = 12.0) -> dict[str, Any]:
     import shutil
 
     ref_out = work / "train_ref"
@@ -299,7 +300,7 @@ def train_trials(work: Path, n: int, rng: random.Random, save=None, stages=STAGE
         for t in range(n):
             out = work / f"train_{stage}_{t}"
             shutil.rmtree(out, ignore_errors=True)
-            delay = rng.uniform(0.0, 12.0)
+            delay = rng.uniform(0.0, max_delay)
             first = run_train(out, work, stage, delay)
             after_kill = run_state(out)
             second = run_train(out, work)
@@ -329,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--index-trials", type=int, default=20)
     ap.add_argument("--train-trials", type=int, default=5, help="trials per training stage")
     ap.add_argument("--stages", default=",".join(STAGES), help="training stages to kill, comma-separated")
+    ap.add_argument("--max-delay", type=float, default=12.0, help="kill at most this many seconds into the stage")
     ap.add_argument("--patients", type=int, default=12, help="patients of the simulated archive")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=32, help="indexer commit batch (small: many commits to kill between)")
@@ -360,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
     if not args.skip_train:
         result["training"] = train_trials(args.work, args.train_trials, rng, partial("training"),
-                                          tuple(args.stages.split(",")))
+                                          tuple(args.stages.split(",")), args.max_delay)
     result["ended"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     save()
     print(json.dumps({k: result.get(k, {}).get("converged") if k == "indexing" else

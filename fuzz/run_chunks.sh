@@ -16,7 +16,7 @@ while :; do
     all_done=0
     chunk=${CHUNK:-2000}; [ "$r" = slide ] && chunk=${SLIDE_CHUNK:-300}
     nice -n 19 .venv/bin/python -m fuzz.fuzz_readers --reader "$r" --execs $chunk --workers 1 \
-      --out "$OUT/fuzz_$r.json" --resume >> "$OUT/fuzz_log.txt" 2>&1
+      --out "$OUT/fuzz_$r.json" --resume >> "${FUZZ_LOG:-/tmp/m3bind_fuzz_log.txt}" 2>&1
   done
   [ $all_done = 1 ] && exit 0
 done

@@ -111,10 +111,17 @@ class TeacherConfig:
     text_lr: float | None = field(default=None, metadata=_h("stage-0 text-encoder learning rate (null = lr)"))
     weight_decay: float = field(default=0.01, metadata=_h("AdamW weight decay"))
     warmup_steps: int = field(default=20, metadata=_h("linear warm-up steps before cosine decay"))
+    freeze_text_layers: int | None = field(default=None, metadata=_h(
+        "stage 0: freeze the text backbone's embeddings and its lowest N transformer blocks "
+        "(N >= the number of blocks: the whole backbone, only the text head trains, and the "
+        "backbone features of each report are computed once); null = train the whole text encoder. "
+        "Useful with a pretrained text encoder (arch hf) and few reports"))
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 2 or self.lr <= 0 or self.warmup_steps < 0:
             raise ValueError("teacher: steps >= 0, batch_size >= 2, lr > 0, warmup_steps >= 0 required")
+        if self.freeze_text_layers is not None and self.freeze_text_layers < 0:
+            raise ValueError("teacher: freeze_text_layers must be >= 0 or null")
 
 
 @dataclass
@@ -173,10 +180,16 @@ class DistillConfig:
     warmup_steps: int = field(default=20, metadata=_h("warm-up steps of each phase"))
     freeze_embeddings: bool = field(default=True, metadata=_h(
         "keep the student's token embeddings frozen (faster; the vocabulary stays as pre-trained)"))
+    freeze_layers: int | None = field(default=None, metadata=_h(
+        "also freeze the student's embeddings and lowest N transformer blocks (N >= the number of "
+        "blocks: only the projection head trains, on backbone features computed once per text); "
+        "null = train every block"))
 
     def __post_init__(self):
         if self.kd_steps < 0 or self.joint_steps < 0 or self.batch_size < 2 or self.lr <= 0:
             raise ValueError("distill: kd_steps/joint_steps >= 0, batch_size >= 2, lr > 0 required")
+        if self.freeze_layers is not None and self.freeze_layers < 0:
+            raise ValueError("distill: freeze_layers must be >= 0 or null")
 
 
 @dataclass

@@ -27,6 +27,7 @@ from m3bind.io.sample import Sample
 from m3bind.modalities import PATHOLOGY
 
 log = logging.getLogger(__name__)
+_UPSAMPLE_WARNED: set[tuple[float, float]] = set()
 
 THUMBNAIL_SIZE = 1024
 
@@ -197,7 +198,12 @@ def read_slide(path: str | os.PathLike, *, magnification: float = 20.0, tile_siz
             power0 = 20.0
             info["objective_power_assumed"] = True
         if magnification > power0:
-            log.warning("target %.3gx is above the scan's %.3gx: tiles are upsampled", magnification, power0)
+            # Said once per (target, scan) pair: an archive of 10x scans would otherwise log it per slide.
+            key = (float(magnification), float(power0))
+            if key not in _UPSAMPLE_WARNED:
+                _UPSAMPLE_WARNED.add(key)
+                log.warning("target %.3gx is above the scan's %.3gx: tiles are upsampled", magnification, power0)
+            info["upsampled"] = True
         factor = power0 / magnification
         tile0 = max(1, int(round(tile_size * factor)))  # tile side at level 0
         mask, thr = tissue_mask(thumb)

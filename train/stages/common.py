@@ -242,3 +242,84 @@ def train_loop(name: str, rt: Runtime, modules: Mapping[str, nn.Module], optimiz
     log.info("%s: %d steps (%d skipped) in %.1fs, last %s", name, total, skipped, secs,
              {k: round(v, 4) for k, v in last.items()})
     return {"steps": total, "skipped_steps": skipped, "last": last, "seconds": round(secs, 2)}
+
+
+def transformer_layers(backbone: nn.Module) -> nn.ModuleList | None:
+    """The stack of transformer blocks of a Hugging Face encoder (BERT ``encoder.layer``,
+    ``layers``, ``transformer.layer``, ...): the longest ``nn.ModuleList`` whose name ends in
+    ``layer``/``layers``/``blocks``; None when there is none."""
+    best = None
+    for name, mod in backbone.named_modules():
+        if isinstance(mod, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers", "blocks"):
+            if best is None or len(mod) > len(best):
+                best = mod
+    return best
+
+
+def freeze_text_layers(text_encoder: nn.Module, n: int | None) -> int:
+    """Freeze the token/position embeddings and the lowest ``n`` transformer blocks of a text
+    encoder's backbone (``n`` >= the number of blocks freezes the whole backbone; the projection
+    head stays trainable). ``None`` freezes nothing. Returns the number of frozen parameters."""
+    if n is None:
+        return 0
+    backbone = getattr(text_encoder, "backbone", None)
+    if backbone is None:
+        raise ValueError("freeze_text_layers needs a text encoder with a .backbone")
+    layers = transformer_layers(backbone)
+    frozen: list[nn.Parameter] = []
+    if layers is None or n >= len(layers):
+        frozen = list(backbone.parameters())
+    else:
+        emb = getattr(backbone, "embeddings", None)
+        frozen += list(emb.parameters()) if emb is not None else [backbone.get_input_embeddings().weight]
+        for block in list(layers)[:n]:
+            frozen += list(block.parameters())
+    for p in frozen:
+        p.requires_grad_(False)
+    return sum(p.numel() for p in frozen)
+
+
+class TextFeatureCache:
+    """Text embeddings of an encoder whose backbone is frozen: the pooled backbone features of
+    each distinct text are computed once (eval mode, no grad) and only the projection head runs
+    per step. With any trainable backbone parameter it simply runs the full encoder.
+
+    Args:
+        text_encoder: A ``m3bind.encoders.text.TextEncoder`` (``.backbone``, ``.head``,
+            ``.tokenize``, ``.features``).
+        batch_size: Texts per backbone forward when filling the cache.
+    """
+
+    def __init__(self, text_encoder: nn.Module, batch_size: int = 64):
+        self.enc, self.batch_size = text_encoder, batch_size
+        self.frozen = hasattr(text_encoder, "features") and not any(
+            p.requires_grad for p in text_encoder.backbone.parameters())
+        self.table: dict[str, torch.Tensor] = {}
+
+    def _device(self) -> torch.device:
+        return next(self.enc.parameters()).device
+
+    @torch.no_grad()
+    def _fill(self, texts: list[str]) -> None:
+        missing = sorted({t for t in texts if t not in self.table})
+        if not missing:
+            return
+        was_training = self.enc.backbone.training
+        self.enc.backbone.eval()
+        dev = self._device()
+        for i in range(0, len(missing), self.batch_size):
+            chunk = missing[i:i + self.batch_size]
+            tok = {k: v.to(dev) for k, v in self.enc.tokenize(chunk).items()}
+            feats = self.enc.features(**tok).float()
+            for t, f in zip(chunk, feats):
+                self.table[t] = f
+        self.enc.backbone.train(was_training)
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        """L2-normalised embeddings ``[B, D]`` of ``texts`` (gradients reach the head)."""
+        if not self.frozen:
+            tok = {k: v.to(self._device()) for k, v in self.enc.tokenize(texts).items()}
+            return torch.nn.functional.normalize(self.enc(**tok).float(), dim=-1)
+        self._fill(texts)
+        feats = torch.stack([self.table[t] for t in texts])
+        return torch.nn.functional.normalize(self.enc.head(feats).float(), dim=-1)

@@ -14,7 +14,6 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from m3bind.encoders.text import build_text_encoder
 from m3bind.model import ModalityCLIP
@@ -22,7 +21,7 @@ from train.config import TrainConfig
 from train.data import ModalityData, SharedTextSampler, StepBatcher, take
 from train.losses import OBJECTIVES
 from train.stages.bind import balancing_terms, head_embeddings, trunk_features
-from train.stages.common import MetricsLog, Runtime, train_loop
+from train.stages.common import MetricsLog, Runtime, TextFeatureCache, freeze_text_layers, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +69,9 @@ def run_distill(cfg: TrainConfig, bound: dict[str, ModalityCLIP], train: dict[st
         p.requires_grad_(True)
     if dc.freeze_embeddings and hasattr(student, "backbone") and hasattr(student.backbone, "get_input_embeddings"):
         student.backbone.get_input_embeddings().weight.requires_grad_(False)
+    if dc.freeze_layers is not None:
+        log.info("distill: %d student backbone parameters frozen", freeze_text_layers(student, dc.freeze_layers))
+    embed_cache = TextFeatureCache(student)
     texts = sorted({t for pool in pools.values() for t in pool})
     row = {t: i for i, t in enumerate(texts)}
     table = _text_table(bound, texts, rt)
@@ -85,8 +87,7 @@ def run_distill(cfg: TrainConfig, bound: dict[str, ModalityCLIP], train: dict[st
         return kd(student_embed(batch), {m: table[m][idx].to(rt.device) for m in mods})
 
     def student_embed(batch: list[str]) -> torch.Tensor:
-        tok = {k: v.to(rt.device) for k, v in student.tokenize(batch).items()}
-        return F.normalize(student(**tok).float(), dim=-1)
+        return embed_cache(batch)
 
     summary: dict[str, Any] = {"shared_texts": len(texts)}
     opt = _optimizer(student, cfg)

@@ -24,7 +24,7 @@ from m3bind.teachers import load_teacher
 from train.config import TeacherConfig, TrainConfig
 from train.data import ModalityData, StepBatcher, take
 from train.losses import OBJECTIVES
-from train.stages.common import MetricsLog, Runtime, train_loop
+from train.stages.common import MetricsLog, Runtime, TextFeatureCache, freeze_text_layers, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,13 @@ def pretrain_teacher(modality: str, teacher: ModalityCLIP, data: ModalityData, t
     teacher.to(rt.device)
     if rt.on_gpu and rt.cfg.channels_last and get_spec(modality).kind == "image2d":
         teacher.image_encoder.to(memory_format=torch.channels_last)
-    text_params = list(teacher.text_encoder.parameters())
-    text_ids = {id(p) for p in text_params}
-    other = [p for p in teacher.parameters() if id(p) not in text_ids]
+    n_frozen = freeze_text_layers(teacher.text_encoder, tcfg.freeze_text_layers)
+    if n_frozen:
+        log.info("pretrain %s: %d text-backbone parameters frozen", modality, n_frozen)
+    text_params = [p for p in teacher.text_encoder.parameters() if p.requires_grad]
+    text_ids = {id(p) for p in teacher.text_encoder.parameters()}
+    other = [p for p in teacher.parameters() if id(p) not in text_ids and p.requires_grad]
+    encode_text = TextFeatureCache(teacher.text_encoder) if n_frozen else teacher.encode_text
     optimizer = torch.optim.AdamW([
         {"params": other, "lr": tcfg.lr},
         {"params": text_params, "lr": tcfg.text_lr or tcfg.lr},
@@ -91,7 +95,7 @@ def pretrain_teacher(modality: str, teacher: ModalityCLIP, data: ModalityData, t
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         idx = batcher.batch(step)[rt.dist.rank::rt.dist.world_size]
         img = encode_images(teacher.image_encoder, modality, take(data.x, idx), rt)
-        txt = teacher.encode_text([data.reports[i] for i in idx])
+        txt = encode_text([data.reports[i] for i in idx])
         return clip(img, txt, teacher.scale())
 
     return train_loop(name, rt, {"teacher": teacher}, optimizer, tcfg.steps, tcfg.warmup_steps,
