@@ -100,7 +100,7 @@ def test_ecg_transformer_time_point_tokens():
     torch.manual_seed(0)
     enc = build_image_encoder(ImageEncoderConfig(
         arch="ecg_transformer", in_chans=12, params={"seq_len": 1000, "width": 16, "depth": 1, "heads": 2}))
-    assert enc.token_embed.in_features == 12 and enc.pos_embed.shape[1] == 1001  # one token per time point
+    assert enc.token_embed.in_features == 12 and enc.encoder.pos_embed.shape[1] == 1001  # one token per time point
     x = torch.randn(2, 12, 1000)
     assert enc(x).shape == (2, 16)
     # patch_size p: token j holds time points j*p .. j*p+p-1 of all 12 leads, time-major

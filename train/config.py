@@ -116,12 +116,19 @@ class TeacherConfig:
         "(N >= the number of blocks: the whole backbone, only the text head trains, and the "
         "backbone features of each report are computed once); null = train the whole text encoder. "
         "Useful with a pretrained text encoder (arch hf) and few reports"))
+    augment_shift: float = field(default=0.0, metadata=_h(
+        "stage 0: random circular shift of each item along every spatial/time axis by up to this "
+        "fraction of the axis length (0 = off); fights memorisation of few training items"))
+    augment_noise: float = field(default=0.0, metadata=_h(
+        "stage 0: std of Gaussian noise added to the (normalised) preprocessed input (0 = off)"))
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 2 or self.lr <= 0 or self.warmup_steps < 0:
             raise ValueError("teacher: steps >= 0, batch_size >= 2, lr > 0, warmup_steps >= 0 required")
         if self.freeze_text_layers is not None and self.freeze_text_layers < 0:
             raise ValueError("teacher: freeze_text_layers must be >= 0 or null")
+        if not 0.0 <= self.augment_shift < 1.0 or self.augment_noise < 0:
+            raise ValueError("teacher: augment_shift in [0, 1) and augment_noise >= 0 required")
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from m3bind.encoders import ENCODERS, ImageEncoderConfig
+from m3bind.encoders.tokens import ClassTokenTransformer
 
 
 class ECGTransformer(nn.Module):
@@ -32,12 +33,7 @@ class ECGTransformer(nn.Module):
             raise ValueError(f"seq_len {seq_len} not divisible by patch_size {patch_size}")
         self.leads, self.seq_len, self.patch_size = leads, seq_len, patch_size
         self.token_embed = nn.Linear(leads * patch_size, width)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.pos_embed = nn.Parameter(torch.randn(1, seq_len // patch_size + 1, width) * 0.02)
-        layer = nn.TransformerEncoderLayer(width, heads, int(width * mlp_ratio), dropout=0.0,
-                                           activation="gelu", batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(width)
+        self.encoder = ClassTokenTransformer(seq_len // patch_size, width, depth, heads, mlp_ratio)
         self.embed_dim = int(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,9 +42,7 @@ class ECGTransformer(nn.Module):
             raise ValueError(f"ECG transformer expects [B, {self.leads}, {self.seq_len}], got {list(x.shape)}")
         # [B, L, T] -> [B, T/p, p*L]: each token holds p consecutive time points of all leads.
         tokens = x.transpose(1, 2).reshape(b, t // self.patch_size, self.patch_size * leads)
-        tokens = self.token_embed(tokens)
-        tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1) + self.pos_embed
-        return self.norm(self.blocks(tokens))[:, 0]
+        return self.encoder(self.token_embed(tokens))
 
 
 class ECGCNN(nn.Module):

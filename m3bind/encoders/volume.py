@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from m3bind.encoders import ENCODERS, ImageEncoderConfig
+from m3bind.encoders.tokens import ClassTokenTransformer
 
 
 class _ResBlock3d(nn.Module):
@@ -83,20 +84,13 @@ class ViT3d(nn.Module):
             raise ValueError(f"img_size {self.img_size} not divisible by patch_size {self.patch_size}")
         n = math.prod(s // p for s, p in zip(self.img_size, self.patch_size, strict=True))
         self.patch_embed = nn.Conv3d(in_chans, width, self.patch_size, stride=self.patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.pos_embed = nn.Parameter(torch.randn(1, n + 1, width) * 0.02)
-        layer = nn.TransformerEncoderLayer(width, heads, int(width * mlp_ratio), dropout=0.0,
-                                           activation="gelu", batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(width)
+        self.encoder = ClassTokenTransformer(n, width, depth, heads, mlp_ratio)
         self.embed_dim = int(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[2:]) != self.img_size:
             raise ValueError(f"volume ViT expects grid {self.img_size}, got {tuple(x.shape[2:])}")
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
-        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1) + self.pos_embed
-        return self.norm(self.blocks(tokens))[:, 0]
+        return self.encoder(self.patch_embed(x).flatten(2).transpose(1, 2))
 
 
 class SequenceSetEncoder(nn.Module):

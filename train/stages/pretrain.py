@@ -61,6 +61,28 @@ def encode_images(image_encoder: nn.Module, modality: str, x: torch.Tensor, rt: 
     return F.normalize(image_encoder(x).float(), dim=-1)
 
 
+SPATIAL_AXES = {"image2d": 2, "volume": 3, "signal": 1}
+
+
+def augment_batch(x: torch.Tensor, modality: str, shift: float, noise: float, seed: int) -> torch.Tensor:
+    """Random circular shifts (up to ``shift`` of each spatial/time axis, per item) and Gaussian
+    noise of std ``noise`` on a preprocessed batch; deterministic in ``seed``."""
+    if shift <= 0 and noise <= 0:
+        return x
+    g = torch.Generator().manual_seed(seed)
+    n_axes = SPATIAL_AXES.get(get_spec(modality).kind, 0)
+    dims = tuple(range(x.dim() - n_axes, x.dim()))
+    out = x.clone()
+    if shift > 0 and dims:
+        for i in range(len(out)):
+            offsets = [int(torch.randint(-int(shift * x.shape[d]), int(shift * x.shape[d]) + 1, (1,),
+                                         generator=g)) for d in dims]
+            out[i] = torch.roll(out[i], shifts=offsets, dims=[d - 1 for d in dims])
+    if noise > 0:
+        out = out + noise * torch.randn(out.shape, generator=g, dtype=out.dtype)
+    return out
+
+
 def build_teacher(modality: str, tcfg: TeacherConfig, dim: int, preprocess: dict[str, Any], seed: int) -> ModalityCLIP:
     """A fresh teacher for ``modality`` (random init, deterministic in ``seed``)."""
     mcfg = ModelTeacherConfig(modality=modality, image=tcfg.image or default_image_encoder(modality),
@@ -94,7 +116,9 @@ def pretrain_teacher(modality: str, teacher: ModalityCLIP, data: ModalityData, t
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         idx = batcher.batch(step)[rt.dist.rank::rt.dist.world_size]
-        img = encode_images(teacher.image_encoder, modality, take(data.x, idx), rt)
+        x = augment_batch(take(data.x, idx), modality, tcfg.augment_shift, tcfg.augment_noise,
+                          rt.seed(f"augment_{name}", step))
+        img = encode_images(teacher.image_encoder, modality, x, rt)
         txt = encode_text([data.reports[i] for i in idx])
         return clip(img, txt, teacher.scale())
 
