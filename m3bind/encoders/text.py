@@ -158,7 +158,7 @@ def build_text_encoder(cfg: TextEncoderConfig, dim: int, head: HeadConfig | None
             conf.update(cfg.params)
             backbone = AutoModel.from_config(BertConfig(**conf))
         elif load_weights:
-            backbone = AutoModel.from_pretrained(path, local_files_only=True)
+            backbone = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
         else:
             backbone = AutoModel.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
     except (OSError, ValueError) as e:
