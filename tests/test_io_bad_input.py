@@ -63,11 +63,11 @@ def _cases(tmp_path, sample_file):
     cases.append(("truncated nifti", cut_nii, CorruptFile))
 
     junk_dicom = tmp_path / "junk.dcm"
-    junk_dicom.write_bytes(b"\x00" * 128 + b"DICM" + os.urandom(2000))
+    junk_dicom.write_bytes(b"\x00" * 128 + b"DICM" + np.random.default_rng(1).bytes(2000))
     cases.append(("corrupt dicom", junk_dicom, CorruptFile))
 
     junk_gz = tmp_path / "junk.nii.gz"
-    junk_gz.write_bytes(b"\x1f\x8b" + os.urandom(500))
+    junk_gz.write_bytes(b"\x1f\x8b" + np.random.default_rng(2).bytes(500))
     cases.append(("corrupt gzip", junk_gz, CorruptFile))
 
     text = tmp_path / "notes.txt"

@@ -30,8 +30,6 @@ def run(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, device=args.device)
     sample = load(args.path, args.modality)
-    if args.modality:
-        sample.modality = args.modality
     vector = model.embed([sample])[0]
     payload = {"modality": sample.modality, "dim": int(vector.shape[0]),
                "vector": [float(v) for v in vector]}

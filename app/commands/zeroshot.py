@@ -40,8 +40,6 @@ def run(args: argparse.Namespace) -> int:
     prompts = load_prompt_file(args.prompts) if args.prompts else None
     labels = parse_labels(args.labels)
     sample = load(args.path, args.modality)
-    if args.modality:
-        sample.modality = args.modality
     ranked = classify(model, sample, labels=labels, modality=sample.modality, mode=args.mode, prompts=prompts)
     payload = {"modality": sample.modality, "labels": [{"label": lab, "score": s} for lab, s in ranked]}
     width = max(len(lab) for lab, _ in ranked)

@@ -139,7 +139,9 @@ def load(path: str | os.PathLike, modality: str | None = None, *, keep_phi: bool
         raise CorruptFile("not enough memory to decode", path) from None
     except (OSError, ValueError, EOFError) as e:
         raise CorruptFile(f"cannot read: {type(e).__name__}: {e}", path) from None
-    if found is not None and modality is None and sample.modality is None:
+    if modality is not None:  # the caller's word wins, whatever the reader guessed
+        sample.modality, sample.modality_guess = modality, False
+    elif found is not None and sample.modality is None:
         sample.modality = found
     _finite(sample)
     log.debug("loaded %s: %s %s %s", p, sample.format, sample.modality, sample.shape)
