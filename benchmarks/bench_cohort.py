@@ -8,7 +8,7 @@
    above chance and the pixel baseline well below the CNN, so that the tasks need real
    features. All numbers are on SIMULATED data.
 
-    python benchmarks/bench_cohort.py speed --patients 300
+    python benchmarks/bench_cohort.py speed --patients 300 --size small,tiny --rounds 2
     python benchmarks/bench_cohort.py separability --per-class 120 --out /tmp/separability.json
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -33,54 +34,116 @@ from m3bind.modalities import MODALITIES, SPECS
 log = logging.getLogger("bench_cohort")
 
 
-def bench_speed(patients: int, seed: int) -> dict:
-    """Generate ``patients`` patients (small size) and return ``cohort.json``'s speed fields."""
+def bench_speed(patients: int, seed: int, sizes=("small",), workers: int = 1, rounds: int = 1) -> dict:
+    """Generate ``patients`` patients per size preset and return ``cohort.json``'s speed fields.
+
+    Each size is first warmed up on a few patients (imports and first-use costs are not
+    counted); with several sizes or ``rounds > 1`` the runs are interleaved so that machine
+    load affects them alike, and the per-size figures are the medians over rounds.
+    """
+    runs: dict[str, list[dict]] = {sz: [] for sz in sizes}
     with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        generate(tmp, patients, seed, progress=False)
-        wall = time.perf_counter() - t
-        info = json.loads((Path(tmp) / "cohort.json").read_text())
-    return {"patients": patients, "items": info["items"], "wall_seconds": round(wall, 1),
-            "items_per_second": info["items_per_second"], "cpu_seconds": info["cpu_seconds"],
-            "items_per_cpu_second": info["items_per_cpu_second"],
-            "items_per_second_by_modality": info["items_per_second_by_modality"]}
+        for sz in sizes:
+            generate(Path(tmp) / f"warm_{sz}", 6, seed + 1, sz, progress=False, test_fraction=0.5)
+        for r in range(rounds):
+            for sz in sizes:
+                out = Path(tmp) / f"{sz}_{r}"
+                t = time.perf_counter()
+                generate(out, patients, seed, sz, progress=False, workers=workers)
+                wall = time.perf_counter() - t
+                info = json.loads((out / "cohort.json").read_text())
+                runs[sz].append({"wall_seconds": wall, **info})
+                shutil.rmtree(out)
+    res = {}
+    for sz, rs in runs.items():
+        med = lambda key, rs=rs: float(np.median([r[key] for r in rs]))
+        res[sz] = {"patients": patients, "items": rs[0]["items"], "workers": rs[0]["workers"], "rounds": len(rs),
+                   "wall_seconds": round(med("wall_seconds"), 1), "items_per_second": round(med("items_per_second"), 2),
+                   "cpu_seconds": round(med("cpu_seconds"), 1),
+                   "items_per_cpu_second": round(med("items_per_cpu_second"), 2),
+                   "items_per_second_by_modality": {
+                       m: round(float(np.median([r["items_per_second_by_modality"][m] for r in rs])), 2)
+                       for m in rs[0]["items_per_second_by_modality"]}}
+        log.info("%s: %s", sz, res[sz])
+    return res
 
 
 # ----------------------------------------------------------------------------- separability
 
-def _render(m: str, p: cohort.Patient, rng: np.random.Generator) -> np.ndarray:
-    """The model input of one item at the small size (no file writing)."""
+#: What ``train/configs/demo.yaml`` feeds the teachers (the ``demo`` input resolution).
+DEMO_INPUT: dict[str, dict] = {"cxr": {"size": 64}, "retina": {"size": 64},
+                               "pathology": {"size": 32, "magnification": 10.0},
+                               "ct": {"grid": (8, 32, 32), "spacing": None},
+                               "mri": {"grid": (8, 32, 32)}, "ecg": {"fs": 50.0, "band": (0.5, 20.0)}}
+
+
+def _render(m: str, p: cohort.Patient, rng: np.random.Generator, resolution: str = "demo",
+            size: str = "small") -> np.ndarray:
+    """The model input of one item (no file writing).
+
+    ``resolution="demo"`` renders at the ``size`` preset and applies the library's own
+    preprocessing (:mod:`m3bind.preprocess`) with the demo's parameters (:data:`DEMO_INPUT`):
+    64-px CXR and fundus, one 32-px tile at 10x, CT and MRI on an ``[8, 32, 32]`` grid (CT in
+    the lung window, resized straight to the grid), ECG at 50 Hz. ``resolution="small"`` is
+    the earlier, larger input from the ``small`` preset (128-px fundus, 64-px tiles at 2 um/px,
+    full ``small`` volumes, ECG at 100 Hz).
+    """
     from data_registry.synthetic.ct import render_ct
     from data_registry.synthetic.cxr import render_cxr
-    from data_registry.synthetic.ecg import render_ecg
+    from data_registry.synthetic.ecg import LEAD_NAMES, render_ecg
     from data_registry.synthetic.mri import SEQUENCES, render_mri
     from data_registry.synthetic.pathology import render_tissue
     from data_registry.synthetic.retina import render_retina
+    from m3bind import preprocess as pp
+    from m3bind.io.sample import Sample
 
-    sz, f, a = SIZES["small"], p.findings[m], p.attrs[m]
+    demo = resolution == "demo"
+    if not demo and size != "small":
+        raise ValueError("resolution 'small' renders the small preset")
+    sz, f, a = SIZES[size], p.findings[m], p.attrs[m]
     if m == "cxr":
         img = render_cxr(f, a, rng, size=sz["cxr"])[0]
+        if demo:
+            return pp.preprocess_cxr(Sample(img, m, "dicom", ""), **DEMO_INPUT[m])
         return img.reshape(64, 2, 64, 2).mean((1, 3))[None]  # 64x64 model input
     if m == "ct":
-        v = render_ct(f, a, rng, shape=sz["ct"])[0]
+        v, spacing = render_ct(f, a, rng, shape=sz["ct"])
+        if demo:
+            return pp.preprocess_ct(Sample(v, m, "dicom", "", spacing=spacing), **DEMO_INPUT["ct"])
         return (np.clip(v, -1000, 400)[None] + 300) / 700
     if m == "ecg":
         x = render_ecg(f, a, rng, fs=sz["ecg_fs"], seconds=sz["ecg_seconds"])[0]
+        if demo:
+            s = Sample(x, m, "wfdb", "", sampling_rate=sz["ecg_fs"], lead_names=list(LEAD_NAMES))
+            return pp.preprocess_ecg(s, **DEMO_INPUT["ecg"])
         return x[:, ::5]  # 100 Hz
     if m == "retina":
-        return render_retina(f, a, rng, size=sz["retina"]).transpose(2, 0, 1) / 255.0  # lesions need 128 px
+        rgb = render_retina(f, a, rng, size=sz["retina"])
+        if demo:
+            return pp.preprocess_retina(Sample(rgb, m, "png", ""), **DEMO_INPUT[m])
+        return rgb.transpose(2, 0, 1) / 255.0  # lesions need 128 px
     if m == "pathology":
+        if demo:  # one tile of the demo's size at the slides' 10x (1 um/px)
+            from data_registry.synthetic.generate import SLIDE_MPP
+
+            img = render_tissue(int(a.get("grade", 0)), rng, size=DEMO_INPUT[m]["size"], mpp=SLIDE_MPP)
+            return img.astype(np.float32).transpose(2, 0, 1) / 255.0
         img = render_tissue(int(a.get("grade", 0)), rng, size=sz["tile"] * 2).astype(np.float32) / 255.0
         return img.reshape(64, 2, 64, 2, 3).mean((1, 3)).transpose(2, 0, 1)
     if m == "mri":
-        v = render_mri(f, a, rng, shape=sz["mri"])[0]
-        return np.stack([v[s] for s in SEQUENCES]) / 1000.0
+        v, spacing = render_mri(f, a, rng, shape=sz["mri"])
+        if demo:
+            s = Sample(np.stack([v[q] for q in SEQUENCES]), m, "nifti", "", spacing=spacing,
+                       channel_names=list(SEQUENCES))
+            return pp.preprocess_mri(s, **DEMO_INPUT["mri"])
+        return np.stack([v[q] for q in SEQUENCES]) / 1000.0
     raise ValueError(m)
 
 
-def balanced_items(m: str, per_class: int, seed: int, pool: int = 6000):
+def balanced_items(m: str, per_class: int, seed: int, pool: int = 6000, resolution: str = "demo",
+                   size: str = "small"):
     """Up to ``per_class`` patients per label of modality ``m`` from a large simulated pool,
-    rendered; returns ``(X [N, ...] float32, y [N] int, label_names)``."""
+    rendered (see :func:`_render`); returns ``(X [N, ...] float32, y [N] int, label_names)``."""
     labels = list(SPECS[m].labels)
     people = cohort.build_patients(pool, seed, test_fraction=0.0, val_fraction=0.0)
     chosen: dict[str, list] = {lab: [] for lab in labels}
@@ -91,7 +154,7 @@ def balanced_items(m: str, per_class: int, seed: int, pool: int = 6000):
     X, y = [], []
     for k, lab in enumerate(labels):
         for p in chosen[lab]:
-            X.append(_render(m, p, np.random.default_rng([seed, p.index, 900 + MODALITIES.index(m)])))
+            X.append(_render(m, p, np.random.default_rng([seed, p.index, 900 + MODALITIES.index(m)]), resolution, size))
             y.append(k)
     return np.stack(X).astype(np.float32), np.array(y), labels
 
@@ -168,7 +231,8 @@ def train_cnn(m: str, Xtr, ytr, Xte, epochs: int, seed: int) -> np.ndarray:
         return net(xe).argmax(1).numpy()
 
 
-def bench_separability(per_class: int, epochs: int, seed: int, modalities=MODALITIES) -> dict:
+def bench_separability(per_class: int, epochs: int, seed: int, modalities=MODALITIES,
+                       resolution: str = "demo", size: str = "small") -> dict:
     """Balanced accuracy of the CNN and of the pixel baseline per modality (held-out 30%)."""
     import torch
     from sklearn.linear_model import LogisticRegression
@@ -181,7 +245,7 @@ def bench_separability(per_class: int, epochs: int, seed: int, modalities=MODALI
     out = {}
     for m in modalities:
         t0 = time.perf_counter()
-        X, y, labels = balanced_items(m, per_class, seed)
+        X, y, labels = balanced_items(m, per_class, seed, resolution=resolution, size=size)
         tr, te = train_test_split(np.arange(len(y)), test_size=0.3, stratify=y, random_state=seed)
         F = pixel_features(m, X)
         lr = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0))
@@ -189,7 +253,7 @@ def bench_separability(per_class: int, epochs: int, seed: int, modalities=MODALI
         base = balanced_accuracy_score(y[te], lr.predict(F[te]))
         pred = train_cnn(m, X[tr], y[tr], X[te], epochs, seed)
         cnn = balanced_accuracy_score(y[te], pred)
-        out[m] = {"classes": len(labels), "items": len(y), "per_class": np.bincount(y).tolist(),
+        out[m] = {"resolution": resolution, "size": size, "classes": len(labels), "items": len(y), "per_class": np.bincount(y).tolist(),
                   "chance": round(1 / len(labels), 3), "cnn_balanced_accuracy": round(float(cnn), 3),
                   "pixel8x8_logreg_balanced_accuracy": round(float(base), 3),
                   "seconds": round(time.perf_counter() - t0, 1)}
@@ -203,19 +267,26 @@ def main(argv=None) -> int:
     s = sub.add_parser("speed")
     s.add_argument("--patients", type=int, default=300)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", default="small", help="comma-separated size presets, e.g. small,tiny (interleaved)")
+    s.add_argument("--workers", type=int, default=1, help="generator worker processes (0 = one per core)")
+    s.add_argument("--rounds", type=int, default=1, help="repetitions per size (medians reported)")
     c = sub.add_parser("separability")
     c.add_argument("--per-class", type=int, default=120)
     c.add_argument("--epochs", type=int, default=30)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--modalities", default=",".join(MODALITIES))
+    c.add_argument("--resolution", choices=("demo", "small"), default="demo",
+                   help="model input: 'demo' = the demo config's preprocessing (default), 'small' = larger inputs")
+    c.add_argument("--size", default="small", choices=tuple(SIZES), help="render size preset (default small)")
     for q in (s, c):
         q.add_argument("--out", default=None, help="write the JSON result here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.cmd == "speed":
-        res = bench_speed(args.patients, args.seed)
+        res = bench_speed(args.patients, args.seed, tuple(args.size.split(",")), args.workers, args.rounds)
     else:
-        res = bench_separability(args.per_class, args.epochs, args.seed, tuple(args.modalities.split(",")))
+        res = bench_separability(args.per_class, args.epochs, args.seed, tuple(args.modalities.split(",")),
+                                 args.resolution, args.size)
     res = {"simulated": True, **res} if isinstance(res, dict) else res
     text = json.dumps(res, indent=2)
     print(text)

@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="append the JSON record to this file (JSON lines)")
+    p.add_argument("--input-steps", type=int, default=0,
+                   help="stage-1 steps per block of the data-pipeline vs pre-loaded comparison (0: skip)")
+    p.add_argument("--input-reps", type=int, default=3, help="interleaved blocks per arm")
+    p.add_argument("--input-rows", type=int, default=512, help="training rows per modality")
+    p.add_argument("--skip-distill", action="store_true", help="stop after stage 1")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -154,7 +159,13 @@ def main(argv: list[str] | None = None) -> int:
 
     record["bind_steps_per_s"] = round(_time(bind_step, args.steps, args.warmup, device), 3)
     log.info("bind: %.3f steps/s", record["bind_steps_per_s"])
+    if args.input_steps > 0:
+        record["bind_input"] = bind_input_ratio(cfg, teachers, feats, opt, autocast, device,
+                                                args.input_steps, args.input_reps, args.input_rows)
+        log.info("bind input pipeline: %s", record["bind_input"])
 
+    if args.skip_distill:
+        return _emit(record, args.out)
     dc = cfg.distill
     student = build_student(cfg, 0).to(device)
     if dc.freeze_embeddings and hasattr(student.backbone, "get_input_embeddings"):
@@ -183,13 +194,92 @@ def main(argv: list[str] | None = None) -> int:
     record["distill_joint_steps_per_s"] = round(_time(lambda: kd_step(True), args.steps, args.warmup, device), 3)
     log.info("distill: kd %.3f, joint %.3f steps/s", record["distill_kd_steps_per_s"],
              record["distill_joint_steps_per_s"])
+    return _emit(record, args.out)
+
+
+def _emit(record: dict, out: str | None) -> int:
     record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    record["load_avg"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(record, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as f:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a") as f:
             f.write(json.dumps(record) + "\n")
     return 0
+
+
+def bind_input_ratio(cfg, teachers: dict, feats: dict, opt, autocast, device: torch.device,
+                     steps: int, reps: int, rows: int) -> dict:
+    """Stage-1 steps/s fed by the training data pipeline vs by pre-loaded tensors, interleaved.
+
+    The pipeline is the stage's own (``train.stages.bind.run_bind``): per step, distinct-text
+    batches from :class:`train.data.StepBatcher`, shared texts drawn by p_m from
+    :class:`train.data.SharedTextSampler`, rows gathered with :func:`train.data.take` from the
+    in-memory preprocessed tensors (here the frozen trunk's cached features, ``rows`` per
+    modality), texts through :class:`PrefixFeatureCache`. The pre-loaded arm gets the very same
+    batches (tensors, text lists) built before the clock starts, so the ratio isolates the input
+    side. Blocks of ``steps`` steps alternate ``reps`` times so that machine load cancels.
+    """
+    from train.data import SharedTextSampler, StepBatcher, take
+    from train.stages.bind import balancing_terms, head_embeddings
+    from train.stages.common import PrefixFeatureCache
+
+    bcfg = cfg.bind
+    mods = list(teachers)
+    g = torch.Generator().manual_seed(0)
+    table = {m: feats[m][torch.randint(len(feats[m]), (rows,), generator=g)]
+             + 0.01 * torch.randn(rows, *feats[m].shape[1:], generator=g).to(feats[m]) for m in mods}
+    reports = {m: [f"{REPORTS[(i + j) % len(REPORTS)]} {m} case {i}." for i in range(rows)]
+               for j, m in enumerate(mods)}
+    bal = balancing_terms({m: rows for m in mods}, bcfg)
+    batchers = {m: StepBatcher(reports[m], bcfg.batch_size, 0, f"bind_{m}") for m in mods}
+    sampler = SharedTextSampler({m: sorted(set(reports[m])) for m in mods}, bal["probs"], 0, "bind_shared")
+    shared_tables: dict = {}
+    encode = {m: PrefixFeatureCache(teachers[m].text_encoder, shared=shared_tables) for m in mods}
+    with torch.no_grad():  # the frozen-prefix cache filled as after the first epoch
+        for m in mods:
+            encode[m](reports[m])
+    objective = OBJECTIVES.get("m3bind")
+
+    def inputs(step: int) -> tuple[dict, dict, list]:
+        idx = {m: batchers[m].batch(step) for m in mods}
+        x = {m: take(table[m], idx[m]).to(device) for m in mods}
+        texts = {m: [reports[m][i] for i in idx[m]] for m in mods}
+        return x, texts, sampler.sample(step, bcfg.shared_batch_size)
+
+    def train_step(x: dict, texts: dict, shared: list) -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            images = {m: head_embeddings(teachers[m], x[m]) for m in mods}
+            terms = objective(images=images, texts={m: encode[m](texts[m]) for m in mods},
+                              shared_texts={m: encode[m](shared) for m in mods},
+                              logit_scale={m: teachers[m].scale() for m in mods},
+                              weights=bal["weights"], lambda_align=bcfg.lambda_align)
+        sum(terms.values()).backward()
+        opt.step()
+
+    train_step(*inputs(0))  # warm-up
+    times = {"pipeline": 0.0, "preloaded": 0.0}
+    for r in range(reps):
+        block = range(1 + r * steps, 1 + (r + 1) * steps)
+        ready = [inputs(s) for s in block]  # pre-loaded: built before the clock starts
+        for arm in ("pipeline", "preloaded") if r % 2 == 0 else ("preloaded", "pipeline"):
+            _sync(device)
+            t = time.perf_counter()
+            for k, s in enumerate(block):
+                train_step(*(inputs(s) if arm == "pipeline" else ready[k]))
+            _sync(device)
+            times[arm] += time.perf_counter() - t
+    n = steps * reps
+    t = time.perf_counter()
+    for s in range(n):
+        inputs(s)
+    input_s = (time.perf_counter() - t) / n
+    return {"rows_per_modality": rows, "steps_per_arm": n,
+            "pipeline_steps_per_s": round(n / times["pipeline"], 3),
+            "preloaded_steps_per_s": round(n / times["preloaded"], 3),
+            "ratio": round(times["preloaded"] / times["pipeline"], 3),
+            "input_ms_per_step": round(1e3 * input_s, 2)}
 
 
 if __name__ == "__main__":

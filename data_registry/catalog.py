@@ -275,6 +275,9 @@ class Catalog:
             log.warning("catalogue keeps its PHI setting keep_phi=%s", stored == "1")
         self.keep_phi = stored == "1"
         self.index_dir = Path(index_dir) if index_dir is not None else self._default_index_dir()
+        # (modality, model_key) -> (file stat, catalogue state, index): searches reuse a loaded
+        # index until the file or the catalogue changes
+        self._loaded_indices: dict[tuple[str, str], tuple[tuple, tuple, Any]] = {}
 
     def _default_index_dir(self) -> Path:
         u = make_url(self.url)
@@ -422,6 +425,10 @@ class Catalog:
 
         path = self.index_path(modality, model_key)
         state = self.embedding_state(modality, model_key)
+        key = (modality, model_key)
+        cached = self._loaded_indices.get(key)
+        if not rebuild and cached is not None and cached[:2] == (_file_stamp(path), state):
+            return cached[2]
         index = None
         if not rebuild and path.exists():
             try:
@@ -442,4 +449,14 @@ class Catalog:
                 index.save(path)
             else:
                 path.unlink(missing_ok=True)
+        self._loaded_indices[key] = (_file_stamp(path), state, index)
         return index
+
+
+def _file_stamp(path: Path) -> tuple:
+    """``(size, mtime_ns, inode)`` of a file, or ``()`` when it does not exist."""
+    try:
+        st = path.stat()
+    except OSError:
+        return ()
+    return (st.st_size, st.st_mtime_ns, st.st_ino)

@@ -50,7 +50,8 @@ from data_registry.catalog import (
     ZeroShotLabel,
 )
 from data_registry.scan import Candidate, scan
-from m3bind.errors import M3BindError
+from m3bind.errors import M3BindError, UnsupportedFormat
+from m3bind.index import choose_kind
 from m3bind.modalities import MODALITIES
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,15 @@ def dicom_links(path: str) -> dict[str, str]:
     return {k: str(ds.get(tag)) for k, tag in pairs.items() if ds.get(tag) not in (None, "")}
 
 
+def _dicom_meta_links(meta: dict[str, Any]) -> dict[str, str]:
+    """The links of :func:`dicom_links` from a DICOM Sample's ``meta`` (read with ``keep_phi``)."""
+    phi = meta.get("phi") or {}
+    pairs = {"patient": phi.get("PatientID"), "name": phi.get("PatientName"),
+             "birth_date": phi.get("PatientBirthDate"), "study": meta.get("study_uid"),
+             "series": meta.get("series_uid"), "date": meta.get("study_date")}
+    return {k: str(v) for k, v in pairs.items() if v not in (None, "")}
+
+
 def _resolve(spec: str) -> Callable:
     mod, _, fn = spec.partition(":")
     return getattr(importlib.import_module(mod), fn)
@@ -169,16 +179,32 @@ def _decode_task(root: str, cand: Candidate, default_modality: str | None,
     path = os.path.join(root, cand.rel)
     try:
         links: dict[str, str] = {}
-        if cand.kind == "wfdb":
-            links = wfdb_links(path)
-        elif cand.kind == "dicom_series" or cand.members[0].lower().endswith(".dcm") or (
-                cand.kind == "file" and _looks_dicom(path)):
-            links = dicom_links(os.path.join(root, min(cand.members)))
+        fallback = cand.hints.get("modality") or default_modality
+        dicom = cand.kind == "dicom_series" or cand.members[0].lower().endswith(".dcm") or (
+            cand.kind == "file" and _looks_dicom(path))
+        if dicom and loader == DEFAULT_LOADER:
+            # one parse of the headers: the reader detects the modality itself and, asked to
+            # keep identifiers, hands back the links (dropped from the stored metadata below)
+            read = _resolve(loader)
+            try:
+                sample = read(path, None, keep_phi=True)
+            except UnsupportedFormat:  # a DICOM modality outside the six: the fallback's word
+                if not fallback:
+                    raise
+                sample = None
+            if fallback and (sample is None or sample.modality not in MODALITIES
+                             or sample.modality_guess):
+                sample = read(path, fallback, keep_phi=True)
+            links = _dicom_meta_links(sample.meta)
+        else:
+            if cand.kind == "wfdb":
+                links = wfdb_links(path)
+            elif dicom:
+                links = dicom_links(os.path.join(root, min(cand.members)))
+            sample = _resolve(loader)(path, _detect(path)[1] or fallback)
         for k, v in cand.hints.items():
             links.setdefault(k, v)
-        modality = _detect(path)[1]
-        modality = modality or cand.hints.get("modality") or default_modality
-        sample = _resolve(loader)(path, modality)
+        sample.meta.pop("phi", None)
         if sample.modality not in MODALITIES:
             return {"rel": cand.rel, "error": "cannot tell the modality (give --modality, a "
                     "sidecar or a modality folder name)"}
@@ -313,34 +339,55 @@ class _Run:
             self.dirty.add(m)
 
     # catalogue helpers --------------------------------------------------------------------------
-    def _get_or_create(self, s, model, key: str, **fields) -> int:
-        row = s.scalar(select(model).where(model.key == key))
-        if row is None:
-            row = model(key=key, **fields)
-            s.add(row)
-            s.flush()
-        else:
-            for k, v in fields.items():
-                if v is not None and getattr(row, k) in (None, ""):
-                    setattr(row, k, v)
-        return row.id
+    def _get_or_create(self, s, model, wanted: dict[str, dict]) -> dict[str, int]:
+        """Ids of the rows of ``model`` keyed ``wanted`` (key -> fields), one query for all:
+        missing rows are created with their fields, existing ones get their empty fields filled."""
+        if not wanted:
+            return {}
+        rows = {r.key: r for r in s.scalars(select(model).where(model.key.in_(list(wanted))))}
+        for key, fields in wanted.items():
+            row = rows.get(key)
+            if row is None:
+                rows[key] = row = model(key=key, **fields)
+                s.add(row)
+            else:
+                for k, v in fields.items():
+                    if v is not None and getattr(row, k) in (None, ""):
+                        setattr(row, k, v)
+        s.flush()
+        return {key: rows[key].id for key in wanted}
 
-    def _links(self, s, links: dict[str, str], modality: str, study_date) -> tuple:
-        patient_id = study_id = series_id = None
-        if links.get("patient"):
-            phi = {"name": links.get("name"), "birth_date": links.get("birth_date")} \
-                if self.cat.keep_phi else {}
-            patient_id = self._get_or_create(
-                s, Patient, self.cat.pseudonym(links["patient"], "patient"), **phi)
-        if links.get("study"):
-            study_id = self._get_or_create(
-                s, Study, self.cat.pseudonym(links["study"], "study"), patient_id=patient_id,
-                study_date=study_date, uid=links["study"] if self.cat.keep_phi else None)
-        if links.get("series"):
-            series_id = self._get_or_create(
-                s, Series, self.cat.pseudonym(links["series"], "series"),
-                study_id=study_id, modality=modality)
-        return patient_id, study_id, series_id
+    def _links(self, s, rows: list[tuple[dict[str, str], str, Any]]) -> list[tuple]:
+        """``(patient_id, study_id, series_id)`` for each ``(links, modality, study date)``,
+        creating patients, then studies, then series (one query and one flush per table)."""
+        keep = self.cat.keep_phi
+        pkey = [self.cat.pseudonym(lk["patient"], "patient") if lk.get("patient") else None
+                for lk, _, _ in rows]
+        skey = [self.cat.pseudonym(lk["study"], "study") if lk.get("study") else None
+                for lk, _, _ in rows]
+        rkey = [self.cat.pseudonym(lk["series"], "series") if lk.get("series") else None
+                for lk, _, _ in rows]
+
+        def want(keys: list, fields: list[dict]) -> dict[str, dict]:
+            out: dict[str, dict] = {}
+            for k, f in zip(keys, fields):
+                if k is None:
+                    continue
+                have = out.setdefault(k, dict(f))
+                for name, v in f.items():  # a later item fills what an earlier one lacked
+                    if have.get(name) in (None, ""):
+                        have[name] = v
+            return out
+
+        pid = self._get_or_create(s, Patient, want(pkey, [
+            {"name": lk.get("name"), "birth_date": lk.get("birth_date")} if keep else {}
+            for lk, _, _ in rows]))
+        sid = self._get_or_create(s, Study, want(skey, [
+            {"patient_id": pid.get(p), "study_date": d, "uid": lk["study"] if keep else None}
+            for (lk, _, d), p in zip(rows, pkey)]))
+        rid = self._get_or_create(s, Series, want(rkey, [
+            {"study_id": sid.get(k), "modality": m} for (_, m, _), k in zip(rows, skey)]))
+        return [(pid.get(p), sid.get(k), rid.get(r)) for p, k, r in zip(pkey, skey, rkey)]
 
     def release_item(self, s, item: Item) -> list[tuple[int, str]]:
         """Detach an item's content before it changes or goes: promote a duplicate to hold its
@@ -363,8 +410,13 @@ class _Run:
         s.execute(delete(Embedding).where(Embedding.item_id == item.id))
         return removed
 
-    def _upsert_item(self, s, cand: Candidate, chash: str, **fields) -> Item:
-        item = s.scalar(select(Item).where(Item.path == cand.rel))
+    def _upsert_item(self, s, cand: Candidate, chash: str, item: Item | None | bool = True,
+                     **fields) -> Item:
+        """Insert or update the item row of ``cand`` (``item``: its row or None when already
+        looked up, True to look it up here) and clear its failure, unless looked up already."""
+        looked_up = item is not True
+        if not looked_up:
+            item = s.scalar(select(Item).where(Item.path == cand.rel))
         now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
         common = dict(kind=cand.kind, size=cand.size, mtime=cand.mtime,
                       fingerprint=cand.fingerprint, content_hash=chash, indexed_at=now, **fields)
@@ -374,8 +426,9 @@ class _Run:
         else:
             for k, v in common.items():
                 setattr(item, k, v)
-        s.execute(delete(Failure).where(Failure.path == cand.rel))
-        s.flush()
+        if not looked_up:
+            s.execute(delete(Failure).where(Failure.path == cand.rel))
+            s.flush()
         return item
 
     # zero-shot -----------------------------------------------------------------------------------
@@ -412,34 +465,46 @@ class _Run:
         added: dict[str, list[tuple[int, np.ndarray]]] = {}
         removed: list[tuple[int, str]] = []
         with self.cat.session() as s:
-            for c, h, r, vec in ok:
+            # one query per table for the whole batch, one flush per step (not per item)
+            rels = [c.rel for c, _, _, _ in ok]
+            old_rows = {i.path: i for i in s.scalars(select(Item).where(Item.path.in_(rels)))} \
+                if rels else {}
+            if rels:
+                s.execute(delete(Failure).where(Failure.path.in_(rels)))
+            dates = []
+            for _, _, r, _ in ok:
+                iso = _parse_date(r["links"].get("date"))
+                dates.append(dt.date.fromisoformat(iso) if iso else None)
+            ids = self._links(s, [(r["links"], r["sample"].modality, d)
+                                  for (_, _, r, _), d in zip(ok, dates)])
+            items = []
+            for (c, h, r, vec), d, (patient_id, study_id, series_id) in zip(ok, dates, ids):
                 sample = r["sample"]
-                links = r["links"]
-                iso = _parse_date(links.get("date"))
-                study_date = dt.date.fromisoformat(iso) if iso else None
-                patient_id, study_id, series_id = self._links(s, links, sample.modality, study_date)
-                old = s.scalar(select(Item).where(Item.path == c.rel))
+                old = old_rows.get(c.rel)
                 if old is not None and old.content_hash != h:  # same content: keep other models'
                     removed += self.release_item(s, old)
-                    s.flush()
-                item = self._upsert_item(s, c, h, modality=sample.modality, format=sample.format,
-                                         meta=r["meta"], study_date=study_date,
-                                         patient_id=patient_id, study_id=study_id,
-                                         series_id=series_id, duplicate_of_id=None)
-                emb = Embedding(item_id=item.id, model_key=self.model_key,
-                                modality=sample.modality, dim=int(vec.shape[0]),
-                                vector=np.ascontiguousarray(vec, np.float32).tobytes())
-                s.add(emb)
-                s.flush()
-                added.setdefault(sample.modality, []).append((emb.id, vec))
-                if self.zeroshot and (lab := self._labels(sample.modality)) is not None:
+                items.append(self._upsert_item(
+                    s, c, h, old, modality=sample.modality, format=sample.format, meta=r["meta"],
+                    study_date=d, patient_id=patient_id, study_id=study_id, series_id=series_id,
+                    duplicate_of_id=None))
+            s.flush()
+            embs = [Embedding(item_id=item.id, model_key=self.model_key,
+                              modality=r["sample"].modality, dim=int(vec.shape[0]),
+                              vector=np.ascontiguousarray(vec, np.float32).tobytes())
+                    for item, (_, _, r, vec) in zip(items, ok)]
+            s.add_all(embs)
+            s.flush()
+            for item, emb, (_, _, r, vec) in zip(items, embs, ok):
+                modality = r["sample"].modality
+                added.setdefault(modality, []).append((emb.id, vec))
+                if self.zeroshot and (lab := self._labels(modality)) is not None:
                     names, lvec = lab
                     logits = float(getattr(self.model, "logit_scale", 100.0)) * (lvec @ vec)
                     p = np.exp(logits - logits.max())
                     p /= p.sum()
-                    for name, score in zip(names, p):
-                        s.add(ZeroShotLabel(item_id=item.id, model_key=self.model_key,
-                                            label=name, score=float(score)))
+                    s.add_all([ZeroShotLabel(item_id=item.id, model_key=self.model_key,
+                                             label=name, score=float(score))
+                               for name, score in zip(names, p)])
             for c, err in errors:
                 self._record_failure(s, c.rel, err, c.size, c.mtime)
         self.drop_vectors(removed)
@@ -526,7 +591,7 @@ def index_archive(root: str | os.PathLike, catalog: str | Catalog, model, *,
     try:
         for m in MODALITIES:  # loaded (or rebuilt when stale) before anything is committed
             run.index(m)
-        _remove_vanished(run)
+        _remove_vanished(run, {c.rel for c in candidates} | {rel for rel, _ in walk_failures})
         run.record_failures([(rel, err, -1, -1.0) for rel, err in walk_failures])
         known = _known_state(cat, run.model_key)
         to_hash: list[Candidate] = []
@@ -578,8 +643,9 @@ def index_archive(root: str | os.PathLike, catalog: str | Catalog, model, *,
         # identical copies found in this run, now that their originals are committed
         _settle_hashed(run, deferred, hashes, _known_state(cat, run.model_key), final=True)
         run.save_indices(force=True)
-        for m in list(run.indices):  # exact -> approximate when the size threshold was crossed
-            cat.vector_index(m, run.model_key)
+        for m, idx in list(run.indices.items()):  # exact -> approximate past the size threshold
+            if choose_kind(len(idx)) != idx.kind:  # (the others are current: skip their reload)
+                cat.vector_index(m, run.model_key)
     finally:
         bar.close()
     c = run.counts
@@ -675,8 +741,10 @@ def _settle_hashed(run: _Run, cands: list[Candidate], hashes: dict[str, str],
     return to_decode, deferred
 
 
-def _remove_vanished(run: _Run) -> None:
-    """Forget items and failures whose files no longer exist under the root."""
+def _remove_vanished(run: _Run, live: set[str] | None = None) -> None:
+    """Forget items and failures whose files no longer exist under the root, and failures of
+    paths this scan no longer offers as items of their own (``live``): a WFDB ``.dat`` that
+    arrived, and failed, before its ``.hea`` is a member of the record once the header is there."""
     removed: list[tuple[int, str]] = []
     with run.cat.session() as s:
         for item in list(s.scalars(select(Item).order_by(Item.duplicate_of_id.is_(None)))):
@@ -687,6 +755,6 @@ def _remove_vanished(run: _Run) -> None:
                 s.flush()
                 run.counts["removed"] += 1
         for f in list(s.scalars(select(Failure))):
-            if not os.path.lexists(run.root / f.path):
+            if not os.path.lexists(run.root / f.path) or (live is not None and f.path not in live):
                 s.delete(f)
     run.drop_vectors(removed)

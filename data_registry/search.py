@@ -99,7 +99,8 @@ def search(catalog: str | Catalog, model, query: str | os.PathLike, target: str,
            modality: str | None = None, date_from: str | dt.date | None = None,
            date_to: str | dt.date | None = None, patient: str | None = None,
            study: str | None = None, same_patient: bool = False,
-           nearest_in_time: bool = False) -> dict[str, list[dict[str, Any]]]:
+           nearest_in_time: bool = False,
+           query_vector: np.ndarray | None = None) -> dict[str, list[dict[str, Any]]]:
     """Search the archive.
 
     Args:
@@ -115,6 +116,9 @@ def search(catalog: str | Catalog, model, query: str | os.PathLike, target: str,
         same_patient: Only items of the query item's patient (the query must be catalogued).
         nearest_in_time: With ``same_patient``, order by time from the query's study date
             (the ECG of this patient nearest in time to this CXR), ties by score.
+        query_vector: The query's embedding when the caller already has it (the app embeds
+            an upload once for zero-shot and search); ``query`` then only names the file, for
+            same-patient searches.
 
     Returns:
         ``{"results": [{"path", "modality", "score", "patient", "study", "study_date",
@@ -138,7 +142,12 @@ def search(catalog: str | Catalog, model, query: str | os.PathLike, target: str,
     if keys and model_key not in keys:
         raise ModelDirError(f"the catalogue was indexed with {', '.join(keys)}, not {model_key}; "
                             "index it with this model first")
-    qvec, qitem = embed_query(cat, model, query, target, modality)
+    if query_vector is None:
+        qvec, qitem = embed_query(cat, model, query, target, modality)
+    else:
+        qvec = np.asarray(query_vector, np.float32).reshape(-1)
+        is_text = isinstance(query, str) and query.startswith(TEXT_PREFIX)
+        qitem = None if is_text else _catalogued_item(cat, Path(query))
     qvec = qvec / max(float(np.linalg.norm(qvec)), 1e-12)
     conds = [Embedding.model_key == model_key, Embedding.modality == target]
     filtered = False

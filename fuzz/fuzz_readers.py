@@ -6,17 +6,21 @@ mutations through pydicom, NIfTI header fields, WFDB header fields including ``.
 names, PNG/JPEG chunk and segment fields, TIFF IFD entries and Aperio descriptions), writes
 the result to a scratch folder and calls :func:`m3bind.io.load` on it in a worker process.
 
-The worker runs under an address-space cap (``RLIMIT_AS``: its size after imports plus
-``--mem-mb``) with the reader limits tightened (:data:`WORKER_LIMITS`), so an allocation
-the limits did not bound shows up as a ``MemoryError``. A soft per-file time limit
-(``signal.alarm``) reports where Python code was stuck; a hard one (the parent kills the
-worker) catches hangs inside C code. Outcomes per execution:
+A worker process is forked once and runs case after case (files in ``/dev/shm``); it is
+replaced only after a crash, a hang or a memory error. It loads every seed once unmutated
+before the cap is set (lazy imports, decoder plugins), then runs under an address-space cap
+(``RLIMIT_AS``: its size after the warm-up plus ``--mem-mb``) with the reader limits tightened
+(:data:`WORKER_LIMITS`), so an allocation the limits did not bound shows up as a
+``MemoryError``. The per-file time limit counts CPU time, not wall time, so that it means the
+same on a loaded machine: a soft limit (``ITIMER_PROF``/SIGPROF) reports where Python code was
+stuck; a hard one (the parent reads the worker's CPU time from ``/proc`` and kills it 5 s past
+the limit, or after a wall-clock backstop) catches hangs inside C code. Outcomes per execution:
 
 * ``ok`` - a Sample came back and passed the invariants (ndarray, non-empty, finite);
 * ``rejected`` - an :class:`~m3bind.errors.M3BindError` (the intended answer to bad input);
 * ``finding`` - any other exception, or a Sample breaking an invariant;
 * ``memory`` - a MemoryError under the cap (even if converted into an M3BindError);
-* ``hang`` - past the time limit (re-run once alone with 6x the limit: finishing makes it ``slow``);
+* ``hang`` - past the per-file CPU-time limit;
 * ``crash`` - the worker process died (a signal in C code).
 
 Example::
@@ -55,6 +59,9 @@ from fuzz import mutators as mu
 log = logging.getLogger("fuzz")
 
 READERS = ("dicom", "nifti", "wfdb", "photo", "slide")
+#: Version of the case generation recorded with each chunk: 2 changed the slide and NIfTI seeds
+#: (smaller derivatives), so cases numbered in harness-1 chunks replay with that version's code.
+HARNESS = 2
 #: Reader limits inside the worker: tight enough that a bounded decode fits under the RSS cap.
 WORKER_LIMITS = {"max_file_bytes": 64 * 2**20, "max_pixels": 2**24, "max_signal_values": 5_000_000,
                  "max_tiles": 16}
@@ -79,6 +86,11 @@ DICOM_TAGS = {
     "SliceThickness": ("0", "-1", "nan"), "SOPClassUID": ("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.2",
                                                           "1.2.840.10008.5.1.4.1.1.9.1.1", "1.2.3"),
 }
+#: Modalities a caller may pass, drawn per case: formats that carry none (photographs), and DICOM
+#: whose seeds are often secondary captures or ultrasound (modality outside the six) and are only
+#: decoded when the caller names a modality.
+CALLER_MODALITIES = {"photo": (None, None, "cxr", "retina", "pathology"),
+                     "dicom": (None, None, None, "cxr", "ct", "mri", "retina", "pathology")}
 WAVEFORM_TAGS = {
     "NumberOfWaveformChannels": (0, 1, 12, 13, 255, 65535), "NumberOfWaveformSamples": (0, 1, 2**20, 2**31, 2**32 - 1),
     "WaveformBitsAllocated": (0, 8, 16, 32, 64, 65535), "SamplingFrequency": ("0", "-500", "nan", "1e308", "inf"),
@@ -104,31 +116,83 @@ def _dicom_transfer_syntax(rng: random.Random, data: bytes) -> tuple[bytes, str]
     return out, f"TransferSyntaxUID={uid.decode().rstrip(chr(0))}"
 
 
+class _DicomShape:
+    """What :func:`_dicom_tag` needs to draw a mutation without parsing the file again.
+
+    Whether the dataset is a waveform, the channel count of each waveform group and which
+    keywords each possible target holds: the random draws depend on these alone, so a cached
+    shape gives the same draws (and the same case bytes) as a fresh parse.
+    """
+
+    def __init__(self, ds):
+        self.waveform = "WaveformSequence" in ds
+        pool = WAVEFORM_TAGS if self.waveform else DICOM_TAGS
+        self.present = {("ds",): {kw for kw in (*pool, "Modality") if kw in ds}}
+        self.channels: list[int] = []
+        if self.waveform:
+            for g, grp in enumerate(ds.WaveformSequence):
+                chans = list(grp.get("ChannelDefinitionSequence", []))
+                self.channels.append(len(chans))
+                self.present[("g", g)] = {kw for kw in WAVEFORM_TAGS if kw in grp}
+                for c, ch in enumerate(chans):
+                    self.present[("c", g, c)] = {kw for kw in WAVEFORM_TAGS if kw in ch}
+
+
+#: Parsed shapes and mutated files by input digest: the same seed files recur in every case, and
+#: parsing and re-writing a DICOM file through pydicom was most of a case's time (profiled).
+_SHAPES: dict[bytes, _DicomShape] = {}
+_TAG_CACHE: dict[tuple, bytes] = {}
+_TAG_CACHE_BYTES = [0]
+TAG_CACHE_LIMIT = 256 * 2**20
+
+
 def _dicom_tag(rng: random.Random, data: bytes) -> tuple[bytes, str]:
     """Set (or delete) one decoding-relevant element through pydicom and write the file back."""
     import pydicom
 
-    ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    digest = hashlib.blake2b(data, digest_size=16).digest()
+    ds = None
+    shape = _SHAPES.get(digest)
+    if shape is None:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        shape = _DicomShape(ds)
+        if len(_SHAPES) < 4096:
+            _SHAPES[digest] = shape
     pool = dict(DICOM_TAGS)
-    if "WaveformSequence" in ds:
+    if shape.waveform:
         pool = {**WAVEFORM_TAGS, "Modality": DICOM_TAGS["Modality"]}
     kw = rng.choice(sorted(pool))
-    target = ds
+    where: tuple = ("ds",)
     if kw in WAVEFORM_TAGS and kw != "Modality":
-        grp = rng.choice(list(ds.WaveformSequence))
-        target = grp
+        g = rng.randrange(len(shape.channels)) if shape.channels else rng.choice([])
+        where = ("g", g)
         if kw in ("ChannelSensitivity",):
-            target = rng.choice(list(grp.ChannelDefinitionSequence))
-    if rng.random() < 0.12 and kw in target:
-        delattr(target, kw)
-        what = f"{kw} deleted"
+            where = ("c", g, rng.randrange(shape.channels[g]) if shape.channels[g] else rng.choice([]))
+    if rng.random() < 0.12 and kw in shape.present.get(where, ()):
+        v, what = None, f"{kw} deleted"
     else:
         v = rng.choice(pool[kw])
-        setattr(target, kw, v)
         what = f"{kw}={v}"
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=False)
-    return buf.getvalue(), what
+    key = (digest, where, kw, repr(v))
+    out = _TAG_CACHE.get(key)
+    if out is None:
+        ds = ds if ds is not None else pydicom.dcmread(io.BytesIO(data), force=True)
+        target = ds
+        if where[0] != "ds":
+            target = ds.WaveformSequence[where[1]]
+            if where[0] == "c":
+                target = target.ChannelDefinitionSequence[where[2]]
+        if v is None:
+            delattr(target, kw)
+        else:
+            setattr(target, kw, v)
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=False)
+        out = buf.getvalue()
+        if _TAG_CACHE_BYTES[0] + len(out) <= TAG_CACHE_LIMIT:
+            _TAG_CACHE[key] = out
+            _TAG_CACHE_BYTES[0] += len(out)
+    return out, what
 
 
 def mutate(reader: str, rng: random.Random, files: dict[str, bytes]) -> tuple[dict[str, bytes], list[str]]:
@@ -189,8 +253,27 @@ def mutate(reader: str, rng: random.Random, files: dict[str, bytes]) -> tuple[di
 
 
 # ------------------------------------------------------------------------------ worker
-class SoftTimeout(Exception):
-    """Raised by SIGALRM inside the worker: the reader ran past the per-file limit."""
+class SoftTimeout(BaseException):
+    """Raised by SIGPROF inside the worker: the reader ran past the per-file CPU-time limit."""
+
+
+def _on_time_limit(*_):
+    raise SoftTimeout()
+
+
+def install_time_limit() -> None:
+    """Install the SIGPROF handler of the per-file limit (main thread only)."""
+    signal.signal(signal.SIGPROF, _on_time_limit)
+
+
+def arm_time_limit(seconds: float) -> None:
+    """Start (``seconds`` > 0) or stop (0) the per-file limit, counted in CPU time.
+
+    ``ITIMER_PROF`` counts the process's user and system time, so the limit means the same
+    on an idle machine and on one loaded ten times over (a wall-clock limit under load marked
+    ordinary cases as hangs and re-ran them alone: most of the old slide campaign's time).
+    """
+    signal.setitimer(signal.ITIMER_PROF, seconds)
 
 
 def _vm_size() -> int:
@@ -227,28 +310,34 @@ def _invariants(sample) -> str | None:
     return None
 
 
-def run_case(reader: str, seeds: list, seed: int, case: int, workdir: Path) -> dict[str, Any]:
-    """Mutate, write and load one case; classify the outcome (runs inside the worker)."""
+def run_case(reader: str, seeds: list, seed: int, case: int, workdir: Path, mutations: bool = True) -> dict[str, Any]:
+    """Mutate, write and load one case; classify the outcome (runs inside the worker).
+
+    With ``mutations=False`` case ``-1 - i`` loads seed ``i`` unchanged (the worker's warm-up).
+    """
     import m3bind.io
     from m3bind.errors import M3BindError
 
     rng = random.Random(f"{seed}:{case}")
-    name, files = seeds[rng.randrange(len(seeds))]
-    files, what = mutate(reader, rng, files)
+    if mutations:
+        name, files = seeds[rng.randrange(len(seeds))]
+        files, what = mutate(reader, rng, files)
+    else:
+        (name, files), what = seeds[-1 - case], []
     shutil.rmtree(workdir, ignore_errors=True)
     (workdir / "case").mkdir(parents=True)
     for fn, data in files.items():
         (workdir / "case" / fn).write_bytes(data)
     (workdir / "outside.dat").write_bytes(files.get("rec.dat", b"\x00" * 64))  # target of ../ names
     target = workdir / "case" / next(iter(files))
-    modality = rng.choice((None, None, "cxr", "retina", "pathology")) if reader == "photo" else None
+    modality = rng.choice(CALLER_MODALITIES[reader]) if reader in CALLER_MODALITIES else None
     res: dict[str, Any] = {"case": case, "seed": name, "mutations": what, "modality": modality}
     t0 = time.perf_counter()
-    signal.alarm(int(os.environ.get("FUZZ_SOFT_TIMEOUT", "10")))
+    arm_time_limit(float(os.environ.get("FUZZ_SOFT_TIMEOUT", "10")))
     try:
         opts = {"max_tiles": 8} if reader == "slide" else {}
         sample = m3bind.io.load(target, modality, **opts)
-        signal.alarm(0)
+        arm_time_limit(0)
         bad = _invariants(sample)
         if bad is None and reader == "wfdb":
             bad = _wfdb_escape(files)
@@ -258,16 +347,21 @@ def run_case(reader: str, seeds: list, seed: int, case: int, workdir: Path) -> d
         res.update(outcome="hang", exc="SoftTimeout", message="per-file time limit",
                    location=_location(traceback.extract_tb(sys.exc_info()[2])))
     except M3BindError as e:
-        signal.alarm(0)
+        arm_time_limit(0)
+        if isinstance(e.__context__, SoftTimeout):  # a reader's catch-all turned the limit into an error
+            res.update(outcome="hang", exc="SoftTimeout", message="per-file time limit",
+                       location=_location(traceback.extract_tb(e.__context__.__traceback__)))
+            res["seconds"] = round(time.perf_counter() - t0, 4)
+            return res
         mem = isinstance(e.__context__, MemoryError)
         res.update(outcome="memory" if mem else "rejected", exc=type(e).__name__, message=e.what[:200],
                    location=_location(traceback.extract_tb(e.__context__.__traceback__)) if mem else None)
     except MemoryError as e:
-        signal.alarm(0)
+        arm_time_limit(0)
         res.update(outcome="memory", exc="MemoryError", message=str(e)[:200],
                    location=_location(traceback.extract_tb(e.__traceback__)))
     except BaseException as e:
-        signal.alarm(0)
+        arm_time_limit(0)
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         res.update(outcome="finding", exc=type(e).__name__, message=str(e)[:300],
@@ -305,21 +399,32 @@ def worker_main(conn, reader: str, seed: int, mem_mb: int, workdir: str) -> None
     import m3bind.io.wfdb_reader
     import m3bind.io.wsi
 
-    def _alarm(*_):
-        raise SoftTimeout()
-
-    signal.signal(signal.SIGALRM, _alarm)
+    install_time_limit()
+    _quiet_stderr()
+    wd = Path(workdir)
+    for i in sorted({n: i for i, (n, _) in enumerate(seeds)}.values()):  # warm-up, each seed once:
+        run_case(reader, seeds, seed, -1 - i, wd, mutations=False)  # lazy imports, decoder plugins
     cap = _vm_size() + mem_mb * 2**20
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     conn.send({"ready": True, "seeds": [n for n, _ in seeds], "as_cap_mb": cap // 2**20})
-    wd = Path(workdir)
     while True:
         case = conn.recv()
         if case is None:
             return
+        c0 = time.process_time()
         res = run_case(reader, seeds, seed, case, wd)
+        res["cpu_s"] = time.process_time() - c0
         res["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
         conn.send(res)
+
+
+def _quiet_stderr() -> None:
+    """Send the worker's C-level stderr to /dev/null: libtiff, OpenJPEG and a Rust panic's
+    backtrace (``RUST_BACKTRACE=1`` symbolises every frame, tenths of a second per panic)
+    would otherwise write per case; outcomes come back through the pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
 
 
 # ------------------------------------------------------------------------------ parent
@@ -329,7 +434,8 @@ class Worker:
     def __init__(self, ctx, reader: str, seed: int, mem_mb: int, scratch: Path, k: int):
         self.workdir = scratch / f"w{k}"
         self.conn, child = ctx.Pipe()
-        env_threads = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
+        env_threads = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2",
+                       "RUST_BACKTRACE": "0"}
         os.environ.update(env_threads)
         self.proc = ctx.Process(target=worker_main, args=(child, reader, seed, mem_mb, str(self.workdir)), daemon=True)
         self.proc.start()
@@ -341,8 +447,26 @@ class Worker:
         self.started = 0.0
 
     def submit(self, case: int) -> None:
-        self.case, self.started = case, time.monotonic()
+        self.case, self.started, self.cpu0 = case, time.monotonic(), self.cpu_time()
         self.conn.send(case)
+
+    def cpu_time(self) -> float:
+        """User + system CPU seconds of the worker so far (``/proc/PID/stat``)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
+    def over_limit(self, timeout: float) -> str | None:
+        """Why the case in flight must be killed: past the CPU limit (stuck in C code, where
+        SIGPROF cannot interrupt), or blocked past a generous wall-clock backstop."""
+        if self.cpu_time() - self.cpu0 > timeout + 5:
+            return "C code (CPU limit)"
+        if time.monotonic() - self.started > max(120.0, 20 * timeout):
+            return "blocked (wall-clock backstop)"
+        return None
 
     def kill(self) -> None:
         if self.proc.is_alive():
@@ -363,12 +487,17 @@ class Stats:
         self.wall_s = p.get("wall_s", 0.0)
         self.chunks = p.get("chunks", [])
         self.max_rss_mb = p.get("max_rss_mb", 0)
+        self.cpu_s = p.get("cpu_s", 0.0)  # worker CPU time of the cases that measured it
+        self.cpu_execs = p.get("cpu_execs", 0)
 
     def add(self, res: dict, findings_dir: Path, case_dir: Path) -> None:
         self.execs += 1
         out = res["outcome"]
         self.outcomes[out] += 1
         self.max_rss_mb = max(self.max_rss_mb, res.get("maxrss_mb", 0))
+        if "cpu_s" in res:
+            self.cpu_s += res["cpu_s"]
+            self.cpu_execs += 1
         if out == "rejected":
             self.rejections[res["exc"]] += 1
         if out in ("ok", "rejected"):
@@ -393,6 +522,8 @@ class Stats:
         return {
             "reader": self.reader, "execs": self.execs, "wall_s": round(self.wall_s, 1),
             "execs_per_s": round(self.execs / self.wall_s, 2) if self.wall_s else None,
+            "cpu_s": round(self.cpu_s, 1), "cpu_execs": self.cpu_execs,
+            "execs_per_cpu_s": round(self.cpu_execs / self.cpu_s, 2) if self.cpu_s else None,
             "outcomes": dict(self.outcomes), "rejections": dict(self.rejections),
             "findings": findings["finding"], "hangs": findings["hang"], "crashes": findings["crash"],
             "memory_blowups": findings["memory"], "unique_failures": sorted(self.failures.values(), key=lambda f: f["key"]),
@@ -417,15 +548,18 @@ def machine() -> dict[str, Any]:
 
 def fuzz(reader: str, execs: int, workers: int = 1, out: Path | None = None, seed: int = 0, timeout: float = 10.0,
          mem_mb: int = 2048, resume: bool = False, findings_dir: Path | None = None,
-         save_every: float = 30.0) -> dict:
-    """Run ``execs`` executions against ``reader``; return (and write to ``out``) the statistics."""
+         save_every: float = 30.0, seconds: float | None = None) -> dict:
+    """Run ``execs`` executions against ``reader`` (fewer if ``seconds`` of wall time pass first);
+    return (and write to ``out``) the statistics."""
     prev = json.loads(out.read_text()) if resume and out and out.exists() else None
     if prev and prev.get("seed", seed) != seed:
         raise SystemExit(f"--resume with another --seed than {out} used ({prev.get('seed')})")
     stats = Stats(reader, prev)
     first_case = stats.execs
     outcomes_before = Counter(stats.outcomes)
-    findings_dir = findings_dir or (out.parent / "fuzz_findings" if out else Path(tempfile.mkdtemp()))
+    cpu_before = stats.cpu_s
+    # the failing inputs are mutated copies of third-party files: kept under runs/ (git-ignored)
+    findings_dir = findings_dir or Path(__file__).resolve().parents[1] / "runs" / "fuzz_findings"
     findings_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"fuzz-{reader}-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     os.environ["FUZZ_SOFT_TIMEOUT"] = str(max(1, int(timeout)))
@@ -447,10 +581,13 @@ def fuzz(reader: str, execs: int, workers: int = 1, out: Path | None = None, see
             os.replace(tmp, out)
 
     t0_chunk = [t0]
+
+    def timed_out() -> bool:
+        return bool(seconds) and time.monotonic() - t0 > seconds
     try:
-        while done < execs:
+        while done < next_case - first_case or (next_case < first_case + execs and not timed_out()):
             for k, w in enumerate(pool):
-                if w.case is None and next_case < first_case + execs:
+                if w.case is None and next_case < first_case + execs and not timed_out():
                     w.submit(next_case)
                     next_case += 1
             busy = [w for w in pool if w.case is not None]
@@ -470,15 +607,14 @@ def fuzz(reader: str, execs: int, workers: int = 1, out: Path | None = None, see
                 if res is None and (not w.proc.is_alive() or w.proc.sentinel in ready):
                     res = {"case": w.case, "outcome": "crash", "exc": f"exit {w.proc.exitcode}",
                            "message": "worker died", "location": f"signal {-(w.proc.exitcode or 0)}"}
-                elif res is None and time.monotonic() - w.started > timeout + 5:
+                elif res is None and (why := w.over_limit(timeout)):
                     res = {"case": w.case, "outcome": "hang", "exc": "HardTimeout", "message": "killed",
-                           "location": "C code"}
+                           "location": why}
                 if res is None:
                     continue
                 case_dir = w.workdir / "case"
-                dead = res["outcome"] in ("crash", "hang") and res["exc"] != "SoftTimeout" or not w.proc.is_alive()
-                if res["outcome"] == "hang":
-                    res = _recheck_hang(ctx, reader, seed, mem_mb, scratch, res, timeout) or res
+                # a fresh worker after a crash, a hang or a MemoryError (its state is suspect)
+                dead = res["outcome"] in ("crash", "hang", "memory") or not w.proc.is_alive()
                 stats.add(res, findings_dir, case_dir)
                 done += 1
                 w.case = None
@@ -497,34 +633,13 @@ def fuzz(reader: str, execs: int, workers: int = 1, out: Path | None = None, see
                 pass
             w.kill()
         stats.chunks.append({"first_case": first_case, "execs": done, "io_code": io_code_hash(),
+                             "harness": HARNESS, "wall_s": round(time.monotonic() - t0, 1),
+                             "cpu_s": round(stats.cpu_s - cpu_before, 1), "loadavg": os.getloadavg(),
                              "outcomes": dict(stats.outcomes - outcomes_before),
                              "ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         save()
         shutil.rmtree(scratch, ignore_errors=True)
     return stats.to_json(extra)
-
-
-def _recheck_hang(ctx, reader, seed, mem_mb, scratch, res, timeout) -> dict | None:
-    """Re-run a timed-out case alone with 6x the limit: a loaded machine makes some cases slow."""
-    os.environ["FUZZ_SOFT_TIMEOUT"] = str(int(6 * timeout))
-    w = Worker(ctx, reader, seed, mem_mb, scratch, 99)
-    try:
-        w.submit(res["case"])
-        if w.conn.poll(6 * timeout + 10):
-            r = w.conn.recv()
-            if r["outcome"] != "hang":
-                return {**r, "outcome": "slow", "exc": "Slow", "location": f"{r['seconds']:.0f}s alone"}
-            return r
-        return None
-    except EOFError:
-        return None
-    finally:
-        os.environ["FUZZ_SOFT_TIMEOUT"] = str(max(1, int(timeout)))
-        try:
-            w.conn.send(None)
-        except (OSError, BrokenPipeError):
-            pass
-        w.kill()
 
 
 def replay(reader: str, case: int, seed: int = 0, out_dir: Path = Path("fuzz_case")) -> Path:
@@ -542,6 +657,10 @@ def replay(reader: str, case: int, seed: int = 0, out_dir: Path = Path("fuzz_cas
     return out_dir / next(iter(files))
 
 
+def _stop(*_):
+    raise KeyboardInterrupt  # the chunk is recorded and the statistics saved on the way out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reader", choices=READERS, required=True)
@@ -552,13 +671,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=10.0, help="per-file time limit, seconds")
     ap.add_argument("--mem-mb", type=int, default=2048, help="address space allowed above the worker's start")
     ap.add_argument("--resume", action="store_true", help="continue the counts and case numbers of --out")
+    ap.add_argument("--seconds", type=float, help="stop submitting cases after this much wall time")
     ap.add_argument("--replay", type=int, metavar="CASE", help="write the files of one case and exit")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, _stop)  # a background job ignores SIGINT: TERM stops it cleanly
     if args.replay is not None:
         print(replay(args.reader, args.replay, args.seed))
         return 0
-    r = fuzz(args.reader, args.execs, args.workers, args.out, args.seed, args.timeout, args.mem_mb, args.resume)
+    r = fuzz(args.reader, args.execs, args.workers, args.out, args.seed, args.timeout, args.mem_mb, args.resume,
+             seconds=args.seconds)
     print(json.dumps({k: r[k] for k in ("reader", "execs", "execs_per_s", "outcomes", "n_unique_failures")}))
     return 1 if r["n_unique_failures"] else 0
 

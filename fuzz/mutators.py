@@ -134,6 +134,9 @@ def tiff_description(rng: random.Random, data: bytes) -> bytes:
         if tag != 270 or count <= 4:
             continue
         off = struct.unpack(bo + "I", data[e + 8:e + 12])[0]
+        count = min(count, len(data) - off)  # a count damaged by an earlier mutation padded the file to it
+        if count <= 4:
+            continue
         text = data[off:off + count]
         repl = rng.choice([b"0", b"-1", b"nan", b"inf", b"1e308", b"0.0000001", b"99999999999", b"abc", b""])
         nums = list(re.finditer(rb"\d+(\.\d+)?", text))

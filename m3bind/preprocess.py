@@ -205,14 +205,25 @@ def preprocess_pathology(sample: Sample, size: int = 224, magnification: float =
 
 # ---------------------------------------------------------------------------- volumes
 def resize_volume(vol: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Trilinear resize of ``[Z, Y, X]`` (or ``[C, Z, Y, X]``) to ``shape`` (torch, align_corners=False)."""
+    """Resize ``[Z, Y, X]`` (or ``[C, Z, Y, X]``) to ``shape`` without aliasing.
+
+    Axes that shrink are first averaged over their source extent (area interpolation), so
+    that 1-mm slices reduced to a 5-mm grid are slab means rather than every fifth slice;
+    what remains is trilinear (torch, ``align_corners=False``), which is the identity on
+    axes already at their size.
+    """
     import torch
     import torch.nn.functional as F
 
+    shape = tuple(int(s) for s in shape)
     t = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))
     t = t[None, None] if vol.ndim == 3 else t[None]
-    out = F.interpolate(t, size=tuple(int(s) for s in shape), mode="trilinear", align_corners=False)
-    return out[0, 0].numpy() if vol.ndim == 3 else out[0].numpy()
+    shrunk = tuple(min(n, m) for n, m in zip(t.shape[2:], shape))
+    if shrunk != tuple(t.shape[2:]):
+        t = F.interpolate(t, size=shrunk, mode="area")
+    if shrunk != shape:
+        t = F.interpolate(t, size=shape, mode="trilinear", align_corners=False)
+    return t[0, 0].numpy() if vol.ndim == 3 else t[0].numpy()
 
 
 def center_crop_pad(vol: np.ndarray, shape: tuple[int, ...], pad_value: float) -> np.ndarray:

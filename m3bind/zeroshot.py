@@ -146,7 +146,8 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 def classify(model: Any, sample_or_embedding: Any, labels: Sequence[str] | str | None = None,
              modality: str | None = None, templates: Sequence[str] | None = None,
              descriptions: Mapping[str, Sequence[str]] | None = None, mode: str = "ensemble",
-             prompts: Mapping[str, Sequence[str]] | None = None) -> list[tuple[str, float]]:
+             prompts: Mapping[str, Sequence[str]] | None = None,
+             label_vectors: np.ndarray | None = None) -> list[tuple[str, float]]:
     """Zero-shot labels of one item, best first, with softmax scores summing to 1.
 
     Args:
@@ -157,6 +158,9 @@ def classify(model: Any, sample_or_embedding: Any, labels: Sequence[str] | str |
             labels of ``prompts`` when given.
         modality: Overrides ``sample.modality``; required with a bare embedding.
         templates, descriptions, mode, prompts: See :func:`label_prompts`.
+        label_vectors: The labels' embeddings ``[L, D]`` from :func:`label_embeddings` when the
+            caller keeps them (then ``templates``, ``descriptions``, ``mode`` and ``prompts``
+            are not used).
 
     Raises:
         M3BindError: Unknown modality, or a modality the model does not embed.
@@ -175,7 +179,12 @@ def classify(model: Any, sample_or_embedding: Any, labels: Sequence[str] | str |
         image = np.asarray(sample_or_embedding, dtype=np.float32).reshape(-1)
     get_spec(modality)
     labels = parse_labels(labels) or (list(prompts) if prompts else list(get_spec(modality).labels))
-    text = label_embeddings(model, modality, labels, templates, mode, descriptions, prompts)
+    if label_vectors is None:
+        text = label_embeddings(model, modality, labels, templates, mode, descriptions, prompts)
+    else:
+        text = np.asarray(label_vectors, np.float32)
+        if text.shape[0] != len(labels):
+            raise M3BindError(f"{text.shape[0]} label vectors for {len(labels)} labels")
     image = image / np.linalg.norm(image)
     scale = model.logit_scale_for(modality) if hasattr(model, "logit_scale_for") else model.logit_scale
     scores = _softmax(scale * (text @ image))

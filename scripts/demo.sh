@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's first command: set up .venv/ when missing, train the demo model on the simulated
-# cohort when none exists (once; 34 min wall measured on a shared 2-core machine), then open the app on
+# cohort when none exists (once; 47 min wall measured on a shared, loaded 2-core machine), then open the app on
 # http://127.0.0.1:7860 over the demo archive (indexed on first start).
 set -euo pipefail
 cd "$(dirname "$0")/.."

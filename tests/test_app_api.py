@@ -248,3 +248,37 @@ def test_prompt_sets_round_trip(tmp_path):
     assert sorted(again.prompt_sets()) == ["cardiac", "other"]
     with pytest.raises(ConfigError):
         s.save_prompt_set("../evil", "ecg", ["a", "b"], ["{}"])
+
+
+def test_upload_embedded_once_for_zeroshot_and_search(served, tmp_path, monkeypatch):
+    """A file labelled zero-shot and then searched is read and embedded once; the cached
+    answers equal the uncached library ones; a changed file is embedded again."""
+    import m3bind.io
+    from data_registry.search import search as archive_search
+    from m3bind.zeroshot import classify
+
+    services, _, _, _ = served
+    upload = services.work_dir / "cache_probe"
+    upload.mkdir(exist_ok=True)
+    query = upload / "retina.png"
+    shutil.copyfile(RETINA, query)
+    reads = []
+    real_load = m3bind.io.load
+    monkeypatch.setattr(m3bind.io, "load", lambda *a, **kw: reads.append(a[0]) or real_load(*a, **kw))
+    modality, vec = services.embed_file(query)
+    scores = services.zeroshot_vector(modality, vec, ["normal", "diabetic retinopathy"])
+    hits = services.search(path=query, target="ecg", k=3)
+    assert len(reads) == 1
+    sample = real_load(query)
+    expected = classify(services.model, sample, labels=["normal", "diabetic retinopathy"])
+    assert [lbl for lbl, _ in scores] == [lbl for lbl, _ in expected]
+    np.testing.assert_allclose([s for _, s in scores], [s for _, s in expected], atol=1e-5)
+    plain = archive_search(services.catalog(), services.model, str(query), "ecg", 3)["results"]
+    assert [h["path"] for h in hits] == [h["path"] for h in plain]
+    np.testing.assert_allclose([h["score"] for h in hits], [h["score"] for h in plain], atol=1e-5)
+    # new content under the same name: read again
+    from PIL import Image
+
+    Image.open(RETINA).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(query)
+    services.embed_file(query)
+    assert len(reads) == 2

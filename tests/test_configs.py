@@ -83,8 +83,10 @@ def test_medbind_recipes_use_medbind_encoder_settings():
     assert nm.teacher("cxr").image.name.startswith("swin")
     assert nm.bind.emcl_weight == 0 and bd.bind.emcl_weight > 0
     assert not nm.bind.train_logit_scale  # τ stays at the initial 0.07
-    assert _method_block(CONFIG_DIR / "medbind_nm.yaml")["medbind"]["emcl_weight"] == 0
-    assert _method_block(CONFIG_DIR / "medbind_bd.yaml")["medbind"]["emcl_weight"] > 0
+    for cfg in (nm, bd):  # TMCL trains both teachers; the cohort has a paired CXR-ECG subset
+        assert cfg.medbind.text_loss == "tmcl" and set(cfg.medbind.modalities) == {"cxr", "ecg"}
+        assert cfg.stage0_objective("cxr") == cfg.stage0_objective("ecg") == "medbind"
+        assert cfg.data.generate_kwargs["paired_fraction"] > 0
 
 
 def test_medbind_ecg_encoder_takes_12x1000():

@@ -464,6 +464,22 @@ def test_to_label_conventions():
     assert math.isnan(to_label("-1.0")) and to_label("-1.0", uncertain=1.0) == 1 and to_label(-1, 0.0) == 0
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".csv.gz", ".xlsx"])
+def test_read_rows_keeps_cells_as_strings(suffix, tmp_path):
+    import pandas as pd
+
+    from data_registry.datasets.base import read_rows
+
+    path = tmp_path / f"table{suffix}"
+    df = pd.DataFrame({"ID": ["007", "12"], "label": ["1", None], "text": ["a, b", "c"]})
+    if suffix == ".xlsx":
+        df.to_excel(path, index=False)
+    else:
+        df.to_csv(path, index=False)
+    # leading zeros survive (strings, not numbers) and the blank cell is "" (not NaN)
+    assert read_rows(path) == [{"ID": "007", "label": "1", "text": "a, b"}, {"ID": "12", "label": "", "text": "c"}]
+
+
 def test_unknown_dataset_names_the_known_ones(tmp_path):
     with pytest.raises(KeyError, match="ptbxl"):
         data_registry.get("nope", root=tmp_path)

@@ -384,3 +384,18 @@ def test_two_models_share_a_catalogue_and_the_catalogue_may_sit_in_the_root(tmp_
     assert cat.vector_index("cxr", "m-two").dim == 6
     with cat.session() as s:
         assert all(p.startswith("cxr/") for p in s.scalars(select(Item.path)))
+
+
+def test_links_from_the_readers_metadata_equal_the_header_links(tmp_path):
+    """The indexer takes DICOM links from the one read of the reader (``keep_phi``); they must
+    equal :func:`dicom_links`, an independent header read."""
+    from data_registry.indexer import _dicom_meta_links, dicom_links
+    from m3bind.io import load
+
+    folder = tmp_path / "s"
+    write_dicom_series(folder, 2, "PAT-3", "3.3", "3.3.1", "20220202", name="Poe^Pat")
+    first = str(min(folder.iterdir()))
+    want = dicom_links(first)
+    assert want["patient"] == "PAT-3" and want["series"] == "3.3.1"
+    assert _dicom_meta_links(load(folder, None, keep_phi=True).meta) == want
+    assert _dicom_meta_links(load(first, None, keep_phi=True).meta) == want

@@ -10,7 +10,7 @@ from m3bind.io import load
 from m3bind.io.sample import Sample
 from m3bind.modalities import MODALITIES
 from m3bind.preprocess import (PREPROCESSORS, apply_hu_window, bandpass, macenko_normalize, macenko_stains,
-                               preprocess, resample_signal)
+                               preprocess, resample_signal, resize_volume)
 
 
 def test_every_modality_has_a_preprocessor():
@@ -206,3 +206,31 @@ def test_pathology_photo_is_one_tile():
     img = np.full((100, 200, 3), 230, np.uint8)
     x = preprocess(Sample(img, "pathology", "png", "t.png", tiles=img[None]), size=64)
     assert x.shape == (1, 3, 64, 64)
+
+
+def test_resize_volume_shrink_is_slab_mean():
+    """Shrinking by whole factors gives the mean of each block (numpy reshape, independent)."""
+    rng = np.random.default_rng(3)
+    vol = rng.normal(size=(24, 12, 10)).astype(np.float32)
+    out = resize_volume(vol, (8, 4, 5))
+    expected = vol.reshape(8, 3, 4, 3, 5, 2).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    # A thin bright slab survives the shrink as its share of the block (no slice skipping).
+    spike = np.zeros((30, 4, 4), np.float32)
+    spike[16] = 30.0
+    assert resize_volume(spike, (6, 4, 4))[3].mean() == pytest.approx(6.0, abs=1e-4)
+
+
+def test_resize_volume_grow_and_mixed_axes():
+    """Growing keeps a linear ramp linear (trilinear); a shrunk axis is averaged, a grown one
+    interpolated, channels kept."""
+    ramp = np.broadcast_to(np.arange(6, dtype=np.float32)[None, :, None], (4, 6, 5)).copy()
+    up = resize_volume(ramp, (4, 12, 5))
+    # align_corners=False: output y maps to source (y + 0.5) / 2 - 0.5, clamped at the edges.
+    src = np.clip((np.arange(12) + 0.5) / 2 - 0.5, 0, 5)
+    np.testing.assert_allclose(up[0, :, 0], src, atol=1e-5)
+    vol = np.stack([ramp, 2 * ramp])                     # [C=2, Z, Y, X]
+    mixed = resize_volume(vol, (2, 12, 5))
+    assert mixed.shape == (2, 2, 12, 5)
+    np.testing.assert_allclose(mixed[1], 2 * mixed[0], atol=1e-5)
+    np.testing.assert_allclose(mixed[0, 0, :, 0], src, atol=1e-5)

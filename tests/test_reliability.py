@@ -446,3 +446,75 @@ def test_scan_refuses_symlinks_and_sidecar_paths_out_of_root(sample_file, tmp_pa
     assert all(os.path.realpath(root / r).startswith(str(root.resolve())) for r in rels)
     failed = dict(failures)
     assert "outside" in failed["cxr/link.png"] and "outside" in failed["linkdir"]
+
+
+def test_wfdb_signal_file_indexed_before_its_header_leaves_no_stale_failure(tmp_path):
+    """Seen in the concurrency run: a ``.dat`` copied in before its ``.hea`` fails ("unrecognised
+    file format"); once the header arrives the record is indexed and that failure must go."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from archive_support import FakeModel, write_wfdb
+
+    from data_registry.catalog import Catalog
+    from data_registry.indexer import index_archive
+
+    staging, root = tmp_path / "staging", tmp_path / "archive"
+    write_wfdb(staging, "rec1", 0, ["age: 60"])
+    (root / "ecg").mkdir(parents=True)
+    shutil.copy2(staging / "rec1.dat", root / "ecg" / "rec1.dat")  # the signal file first
+    cat = Catalog(tmp_path / "c.db", index_dir=tmp_path / "idx")
+    model = FakeModel()
+    first = index_archive(root, cat, model, workers=0)
+    assert (first["added"], first["failed"]) == (0, 1)
+    assert cat.stats()["failed"] == 1
+    shutil.copy2(staging / "rec1.hea", root / "ecg" / "rec1.hea")  # then its header
+    second = index_archive(root, cat, model, workers=0)
+    assert (second["added"], second["failed"]) == (1, 0)
+    assert cat.stats()["failed"] == 0 and cat.stats()["items"] == {"ecg": 1}
+    (root / "junk.bin").write_bytes(b"\x00" * 64)  # a failure of a path still offered stays
+    third = index_archive(root, cat, model, workers=0)
+    assert (third["skipped"], third["failed"]) == (1, 1) and cat.stats()["failed"] == 1
+
+
+def test_tiff_segment_count_past_the_end_does_not_allocate_it(sample_file, tmp_path):
+    """Finding (slide fuzzing, a cut of the Aperio slide that OpenSlide refused and Pillow could
+    not decode): tifffile read a tile with ``fh.read(bytecount)`` and a damaged TileByteCounts
+    of 1.9e9 allocated that much for a 64 KB file. Rebuilt from the real fundus photograph."""
+    import io
+
+    import tifffile
+    from PIL import Image
+
+    from m3bind.io import photo
+
+    rgb = np.asarray(Image.open(sample_file("retina")).convert("RGB").resize((512, 512)))
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, rgb, tile=(256, 256), photometric="rgb")  # 196608-byte tiles: LONG counts
+    data = bytearray(buf.getvalue())
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
+        tag = tif.pages[0].tags["TileByteCounts"]
+        assert tag.dtype == 4 and tag.count == 4
+    data[tag.valueoffset:tag.valueoffset + 4] = struct.pack("<I", 0x20000000)  # 512 MiB, file ~800 KB
+    p = tmp_path / "damaged_counts.tif"
+    p.write_bytes(bytes(data))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptFile, match="beyond the end"):
+            photo._read_tifffile(p)  # the decoder the reader falls back to when Pillow fails
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20
+
+
+def test_dicom_ecg_without_samples_is_refused(sample_file, tmp_path):
+    """Finding (harness 2, DICOM case 27868): the real 12-lead ECG with NumberOfWaveformSamples
+    set to 0 read as an empty Sample instead of an error."""
+    import pydicom
+
+    ds = pydicom.dcmread(sample_file("ecg_dicom"))
+    for g in ds.WaveformSequence:
+        g.NumberOfWaveformSamples = 0
+    p = tmp_path / "ecg_no_samples.dcm"
+    ds.save_as(p, enforce_file_format=False)
+    with pytest.raises(CorruptFile, match="without samples"):
+        m3bind.io.load(p)

@@ -245,3 +245,45 @@ def test_changed_config_refuses_reused_out_dir(tmp_path):
     with pytest.raises(ConfigError):
         _check_out_dir(load_train_config(TINY, ["bind.steps=99"]), tmp_path)
     _check_out_dir(load_train_config(TINY, ["eval.bootstrap=5"]), tmp_path)  # eval only: fine
+
+
+def test_stale_generated_cohort_is_refused(tmp_path):
+    from m3bind.errors import ConfigError
+    from train.config import DataConfig
+    from train.data import ensure_cohort
+
+    (tmp_path / "manifest.csv").write_text("item_id,modality,path,label,report,split\n")
+    (tmp_path / "cohort.json").write_text(json.dumps(
+        {"config": {"patients": 700, "seed": 0, "size": "small", "test_fraction": 0.1}}))
+    same = DataConfig(cohort=str(tmp_path), generate_patients=700, generate_kwargs={"test_fraction": 0.1})
+    assert ensure_cohort(same) == tmp_path
+    for other in (DataConfig(cohort=str(tmp_path), generate_patients=2400, generate_kwargs={"test_fraction": 0.1}),
+                  DataConfig(cohort=str(tmp_path), generate_patients=700, generate_kwargs={"test_fraction": 0.2})):
+        with pytest.raises(ConfigError, match="other settings"):
+            ensure_cohort(other)
+    # a cohort the config does not generate (generate_patients null) is taken as it is
+    assert ensure_cohort(DataConfig(cohort=str(tmp_path), generate_patients=None)) == tmp_path
+
+
+@pytest.mark.slow
+def test_kill_after_stage0_then_resume_gives_same_result(tiny_runs):
+    """Killed right after the last teacher's final step (before the zoo is saved): the rerun
+    restores the teachers from their checkpoints and builds the same LoRA adapters (their init
+    does not depend on the global RNG state that stage 0 leaves behind)."""
+    base, cohort, cache = tiny_runs
+    out = base / "c"
+    rc = _run(out, cohort, cache, {"M3BIND_KILL_AT": "pretrain_ecg:12"}, subprocess_run=True)
+    assert rc == -9
+    assert not (out / "zoo_model").exists()
+    assert _run(out, cohort, cache) == 0
+    from safetensors.torch import load_file
+
+    # the zoo's weights are identical (its tokenizer.json may be serialised with other padding
+    # state, which changes the zoo's model id but not a weight)
+    for f in sorted((base / "a" / "zoo_model").glob("*.safetensors")):
+        a, b = load_file(str(f)), load_file(str(out / "zoo_model" / f.name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f.name
+    for d in ("bound_model", "model"):
+        ida = json.loads((base / "a" / d / "config.json").read_text())["model_id"]
+        idb = json.loads((out / d / "config.json").read_text())["model_id"]
+        assert ida == idb, d  # identical weights and files

@@ -90,7 +90,7 @@ def test_ivf_recall_against_exact():
 def test_kind_choice_and_params():
     assert choose_kind(EXACT_MAX) == "flat" and choose_kind(EXACT_MAX + 1) == "ivf"
     nlist, nprobe = ivf_params(1_000_000)
-    assert nlist == 2000 and nprobe == 125
+    assert nlist == 4000 and nprobe == 62
     assert ivf_params(10)[0] == 16
 
 
@@ -125,3 +125,20 @@ def test_dimension_mismatch_is_an_error():
         index.add(np.ones((1, 5), np.float32), np.array([9]))
     with pytest.raises(ValueError):
         index.search(np.ones((1, 5), np.float32), 1)
+
+
+def test_calibrate_picks_smallest_nprobe_reaching_target():
+    rng = np.random.default_rng(6)
+    v = clustered(rng, 8_000, 32, centres=200, spread=1.0)
+    ids = np.arange(100, 100 + len(v), dtype=np.int64)
+    index = VectorIndex.build(v, ids, kind="ivf", nprobe=1)
+    tried = index.calibrate(v, ids, target=0.9, queries=128, seed=1)
+    p = index.nprobe
+    assert index._index.nprobe == p and tried[p] >= 0.9
+    assert all(r < 0.9 for q, r in tried.items() if q < p) and len(tried) > 1
+    # independent leave-one-out recall at the chosen nprobe (same sample of queries)
+    pick = np.random.default_rng(1).choice(len(v), 128, replace=False)
+    _, want = brute_force(v, ids, v[pick], 11)
+    _, got = index.search(v[pick], 11)
+    rec = np.mean([len(set(w[1:]) & (set(g) - {ids[i]})) / 10 for w, g, i in zip(want, got, pick)])
+    assert rec == pytest.approx(tried[p], abs=0.02)

@@ -17,6 +17,9 @@ from m3bind.config import load_yaml
 from m3bind.encoders import HeadConfig, ImageEncoderConfig, TextEncoderConfig
 from m3bind.modalities import MODALITIES
 from m3bind.teachers import TeacherSource
+from train.medbind import MEDBindConfig
+from train.mmclip import MMCLIPConfig
+from train.selip import SeLIPConfig
 
 STAGES = ("pretrain", "bind", "distill", "evaluate")
 SHARED_TEXT_SOURCES = ("train_reports", "train_reports+openi")
@@ -61,7 +64,8 @@ class DataConfig:
         "generate the simulated cohort with this many patients when the manifest is missing; "
         "null = never generate (error instead)"))
     generate_seed: int = field(default=0, metadata=_h("seed of the generated cohort"))
-    generate_size: str = field(default="small", metadata=_h("synthetic file size: small or full"))
+    generate_size: str = field(default="small", metadata=_h(
+        "synthetic file size: tiny (near the CPU demo's training resolution, fastest), small or full"))
     generate_kwargs: dict[str, Any] = field(default_factory=dict, metadata=_h(
         "further data_registry.synthetic.CohortConfig fields (test_fraction, paired_fraction, ...)"))
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES), metadata=_h(
@@ -74,6 +78,13 @@ class DataConfig:
     openi_max: int = field(default=1000, metadata=_h("at most this many OpenI reports"))
     cache_dir: str | None = field(default=None, metadata=_h(
         "preprocessed-tensor cache (null = <out>/cache)"))
+    image_only_fraction: float = field(default=0.0, metadata=_h(
+        "fraction of the training items of each of image_only_modalities whose report is withheld "
+        "(chosen by a hash of the item id): image-only items that train only the MIM loss when the "
+        "modality has the mmclip option with mmclip.image_only, else are dropped; stages 0 and 1 "
+        "see the remaining pairs only (0 = off)"))
+    image_only_modalities: list[str] = field(default_factory=lambda: ["cxr"], metadata=_h(
+        "modalities to which image_only_fraction applies"))
 
     def __post_init__(self):
         unknown = [m for m in self.modalities if m not in MODALITIES]
@@ -81,10 +92,12 @@ class DataConfig:
             raise ValueError(f"data.modalities must be a non-empty subset of {MODALITIES}, got {self.modalities}")
         if self.shared_texts not in SHARED_TEXT_SOURCES:
             raise ValueError(f"data.shared_texts must be one of {SHARED_TEXT_SOURCES}")
-        if self.generate_size not in ("small", "full"):
-            raise ValueError("data.generate_size must be small or full")
+        if self.generate_size not in ("tiny", "small", "full"):
+            raise ValueError("data.generate_size must be tiny, small or full")
         if self.max_train_per_modality is not None and self.max_train_per_modality < 1:
             raise ValueError("data.max_train_per_modality must be >= 1")
+        if not 0.0 <= self.image_only_fraction < 1.0:
+            raise ValueError("data.image_only_fraction must be in [0, 1)")
         bad = [m for m in self.datasets if m not in MODALITIES]
         if bad:
             raise ValueError(f"data.datasets keys must be modalities, got {bad}")
@@ -121,6 +134,10 @@ class TeacherConfig:
         "fraction of the axis length (0 = off); fights memorisation of few training items"))
     augment_noise: float = field(default=0.0, metadata=_h(
         "stage 0: std of Gaussian noise added to the (normalised) preprocessed input (0 = off)"))
+    prompt_caption_prob: float = field(default=0.0, metadata=_h(
+        "stage 0: probability that an item's caption is a disease prompt built from its annotated "
+        "label with one of the modality's zero-shot templates (MMCLIP's prompts for image-only "
+        "data) instead of its report; at most one per label per batch (0 = reports only)"))
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 2 or self.lr <= 0 or self.warmup_steps < 0:
@@ -129,6 +146,8 @@ class TeacherConfig:
             raise ValueError("teacher: freeze_text_layers must be >= 0 or null")
         if not 0.0 <= self.augment_shift < 1.0 or self.augment_noise < 0:
             raise ValueError("teacher: augment_shift in [0, 1) and augment_noise >= 0 required")
+        if not 0.0 <= self.prompt_caption_prob <= 1.0:
+            raise ValueError("teacher: prompt_caption_prob must be in [0, 1]")
 
 
 @dataclass
@@ -235,6 +254,16 @@ class TrainConfig:
         "per-modality teachers; modalities without an entry use TeacherConfig defaults"))
     bind: BindConfig = field(default_factory=BindConfig, metadata=_h("stage 1"))
     distill: DistillConfig = field(default_factory=DistillConfig, metadata=_h("stage 2"))
+    medbind: MEDBindConfig | None = field(default=None, metadata=_h(
+        "MEDBind option (train.medbind.MEDBindConfig): its modalities' stage-0 teachers train with "
+        "TMCL (identical reports as extra positives); null = off. EMCL is bind.emcl_weight"))
+    selip: SeLIPConfig | None = field(default=None, metadata=_h(
+        "SeLIP option (train.selip.SeLIPConfig): its modalities' stage-0 teachers train with "
+        "α·L_clip + β·L_se (soft targets from structured reports); null = off"))
+    mmclip: MMCLIPConfig | None = field(default=None, metadata=_h(
+        "MMCLIP option (train.mmclip.MMCLIPConfig): its modalities' stage-0 teachers (timm ViT) add "
+        "AttMIM + EntMLM after a masked-only warm-up; image-only items via data.image_only_fraction; "
+        "null = off"))
     eval: dict[str, Any] = field(default_factory=dict, metadata=_h(
         "stage 3: fields of train.stages.evaluate.EvalConfig"))
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig, metadata=_h("runtime"))
@@ -250,9 +279,40 @@ class TrainConfig:
             raise ValueError(f"teachers for unknown modalities {extra}")
         for m in self.data.modalities:
             self.teachers.setdefault(m, TeacherConfig())
+        self._check_options()
         for m, t in self.teachers.items():
             if t.source is not None and t.source.modality != m:
                 t.source = dataclasses.replace(t.source, modality=m)
+
+    def _check_options(self) -> None:
+        mods = set(self.data.modalities)
+        text_opts = {k: set(o.modalities) for k, o in (("medbind", self.medbind), ("selip", self.selip))
+                     if o is not None}
+        for k, o in (*text_opts.items(), ("mmclip", set(self.mmclip.modalities) if self.mmclip else set())):
+            if o - set(MODALITIES):
+                raise ValueError(f"{k}.modalities must be modalities, got {sorted(o)}")
+        if len(text_opts) == 2 and text_opts["medbind"] & text_opts["selip"] & mods:
+            raise ValueError("a modality cannot train with both the medbind and the selip text loss")
+        if self.mmclip is not None:
+            from m3bind.modalities import get_spec
+
+            flat = [m for m in self.mmclip.modalities if m in mods and get_spec(m).kind != "image2d"]
+            if flat:
+                raise ValueError(f"mmclip needs 2D image modalities (timm ViT trunks), got {flat}")
+        bad = [m for m in self.data.image_only_modalities if m not in MODALITIES]
+        if bad:
+            raise ValueError(f"data.image_only_modalities must be modalities, got {bad}")
+
+    def stage0_objective(self, modality: str) -> str:
+        """The stage-0 modality-text loss of ``modality``: ``clip``, ``medbind`` or ``selip``."""
+        for name, opt in (("medbind", self.medbind), ("selip", self.selip)):
+            if opt is not None and modality in opt.modalities:
+                return name
+        return "clip"
+
+    def uses_mmclip(self, modality: str) -> bool:
+        """True when ``modality``'s stage-0 teacher adds MMCLIP's masked objectives."""
+        return self.mmclip is not None and modality in self.mmclip.modalities
 
     def teacher(self, modality: str) -> TeacherConfig:
         """The teacher config of ``modality``."""

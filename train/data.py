@@ -54,6 +54,7 @@ def ensure_cohort(cfg: DataConfig) -> Path:
     """The cohort root; the simulated cohort is generated there when its manifest is missing."""
     root = Path(cfg.cohort)
     if (root / MANIFEST).is_file():
+        _check_generated(root, cfg)
         return root
     if cfg.generate_patients is None:
         if cfg.datasets:
@@ -66,6 +67,26 @@ def ensure_cohort(cfg: DataConfig) -> Path:
     synthetic.generate(root, cfg.generate_patients, cfg.generate_seed, size=cfg.generate_size,
                        progress=False, **cfg.generate_kwargs)
     return root
+
+
+def _check_generated(root: Path, cfg: DataConfig) -> None:
+    """Refuse a simulated cohort generated with other settings than ``cfg.generate_*`` asks for
+    (a stale folder would silently train and evaluate on another cohort)."""
+    info = root / "cohort.json"
+    if cfg.generate_patients is None or not info.is_file():
+        return
+    try:
+        have = json.loads(info.read_text()).get("config", {})
+    except (OSError, ValueError):
+        return
+    want = {"patients": cfg.generate_patients, "seed": cfg.generate_seed, "size": cfg.generate_size,
+            **cfg.generate_kwargs}
+    diff = {k: (have.get(k), v) for k, v in want.items()
+            if k in have and (list(have[k]) if isinstance(have[k], (list, tuple)) else have[k])
+            != (list(v) if isinstance(v, (list, tuple)) else v)}
+    if diff:
+        raise ConfigError("the cohort folder holds a cohort generated with other settings "
+                          f"(have, want: {diff}); point data.cohort at a new folder or delete it", str(root))
 
 
 def _dataset_rows(modality: str, src: DatasetSource) -> list[dict[str, Any]]:

@@ -42,29 +42,38 @@ NAN = float("nan")
 
 @dataclass
 class MEDBindConfig:
-    """MEDBind as an option of a training stage."""
+    """MEDBind as an option of stage 0 (the top-level ``medbind:`` block of a training config).
 
+    EMCL on the paired CXR-ECG subset is ``bind.emcl_weight`` (stage 1), usable with or without
+    this block.
+    """
+
+    modalities: list[str] = field(
+        default_factory=lambda: ["cxr", "ecg"],
+        metadata={"help": "modalities whose stage-0 teachers train with the MEDBind text loss"},
+    )
     text_loss: str = field(
         default="tmcl",
         metadata={
             "help": "modality-text loss: tmcl (identical texts are extra positives, MEDBind Eq. 1) or clip"
         },
     )
-    emcl_weight: float = field(
-        default=1.0,
-        metadata={
-            "help": "weight of EMCL on the paired CXR-ECG subset (MEDBind Eq. 2); 0 = MEDBind_NM"
-        },
-    )
     normalize_text_ids: bool = field(
         default=True, metadata={"help": "TMCL compares texts case- and whitespace-insensitively"}
+    )
+    distinct_texts: bool = field(
+        default=False,
+        metadata={
+            "help": "batches of distinct reports (false: random batches, so that identical reports "
+            "meet in a batch and TMCL counts them as positives)"
+        },
     )
 
     def __post_init__(self):
         if self.text_loss not in ("tmcl", "clip"):
             raise ValueError(f"medbind.text_loss must be tmcl or clip, got {self.text_loss!r}")
-        if self.emcl_weight < 0:
-            raise ValueError("medbind.emcl_weight must be >= 0")
+        if not self.modalities:
+            raise ValueError("medbind.modalities must not be empty")
 
 
 # --------------------------------------------------------------------------- ECG report labelling

@@ -48,8 +48,12 @@ LAMBDA1, LAMBDA2, LAMBDA3 = 0.7, 0.75, 0.2
 
 @dataclass
 class MMCLIPConfig:
-    """MMCLIP's masked objectives as an option of a training stage."""
+    """MMCLIP's masked objectives as an option of stage 0 (the top-level ``mmclip:`` block)."""
 
+    modalities: list[str] = field(
+        default_factory=lambda: ["cxr"],
+        metadata={"help": "2D modalities whose stage-0 teachers (timm ViT trunks) add AttMIM + EntMLM"},
+    )
     lambda1: float = field(
         default=LAMBDA1, metadata={"help": "fraction of patches taken from each score map (top-λ1)"}
     )
@@ -89,6 +93,10 @@ class MMCLIPConfig:
             "help": "use image-only items (no report): MIM loss alone, prompt-driven attention from disease prompts"
         },
     )
+    heldout_items: int = field(
+        default=64,
+        metadata={"help": "test-split images on which the MIM loss is measured after stage 0 (0 = skip)"},
+    )
 
     def __post_init__(self):
         for name in ("lambda1", "lambda3"):
@@ -100,6 +108,8 @@ class MMCLIPConfig:
             raise ValueError("mmclip: patch_size, decoder_dim and decoder_depth must be >= 1")
         if self.text_decoder_dim < 1 or self.text_decoder_depth < 1:
             raise ValueError("mmclip: text_decoder_dim and text_decoder_depth must be >= 1")
+        if not self.modalities or self.heldout_items < 0:
+            raise ValueError("mmclip: modalities must not be empty and heldout_items >= 0")
         if self.mim_weight < 0 or self.mlm_weight < 0 or self.warmup_steps < 0:
             raise ValueError("mmclip: weights and warmup_steps must be >= 0")
 

@@ -43,6 +43,23 @@ def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
     return (n + cols - 1) // cols, cols
 
 
+def _stage_order(stage: str) -> tuple[int, str]:
+    order = {"zoo": 0, "bound": 1, "distilled": 2}
+    return order.get(stage, 3), stage
+
+
+def _identical_probes(metrics: dict, mods: list[str]) -> str:
+    """A note naming stages whose probes are identical everywhere (distillation changes the text
+    side only, so the distilled model's probes repeat the bound model's)."""
+    def curve(stage: str) -> list:
+        return [sorted((v["shots"], round(v["accuracy_mean"], 6)) for v in
+                       metrics[stage].get(m, {}).get("fewshot", {}).values()) for m in mods]
+    stages = list(metrics)
+    pairs = [f"{b} = {a}" for i, a in enumerate(stages) for b in stages[i + 1:]
+             if any(curve(a)) and curve(a) == curve(b)]
+    return ("probes coincide: " + ", ".join(pairs) + " (same image encoders; markers side by side)") if pairs else ""
+
+
 def fewshot_curves(report: dict, path: Path) -> bool:
     """Few-shot accuracy vs K per modality (stages as lines); False when there is nothing to plot."""
     metrics = report["metrics"]
@@ -51,6 +68,8 @@ def fewshot_curves(report: dict, path: Path) -> bool:
         return False
     rows, cols = _grid(len(mods))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    metrics = {s: metrics[s] for s in sorted(metrics, key=_stage_order)}
+    n_stages = len(metrics)
     for ax, m in zip(axes.flat, mods):
         chance = None
         for i, (stage, by_mod) in enumerate(metrics.items()):
@@ -60,6 +79,8 @@ def fewshot_curves(report: dict, path: Path) -> bool:
             pts = sorted((v["shots"], v["accuracy_mean"], v["accuracy_std"]) for v in fs.values())
             k, mean, std = (np.array(x, dtype=float) for x in zip(*pts))
             c = _stage_colour(stage, i)
+            # stages side by side around each K (log axis), so that equal results stay visible
+            k = k * (1.0 + 0.06 * (i - (n_stages - 1) / 2))
             ax.errorbar(k, mean, yerr=std, fmt="o-", color=c, capsize=3, label=f"{stage} probe")
             if len(k) > 1:
                 ax.fill_between(k, mean - std, mean + std, color=c, alpha=0.15)
@@ -72,8 +93,9 @@ def fewshot_curves(report: dict, path: Path) -> bool:
             ax.axhline(chance, color="black", ls=":", lw=1,
                        label="chance (majority class)" if kind == "majority" else "chance (1/K)")
         ax.set_xscale("log")
-        ax.set_xticks(sorted({v["shots"] for s in metrics
-                              for v in metrics[s].get(m, {}).get("fewshot", {}).values()}))
+        ks = sorted({v["shots"] for s in metrics for v in metrics[s].get(m, {}).get("fewshot", {}).values()})
+        ax.set_xlim(ks[0] / 1.6, ks[-1] * 1.6)
+        ax.set_xticks(ks)
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_ylim(-0.02, 1.04)
@@ -89,8 +111,9 @@ def fewshot_curves(report: dict, path: Path) -> bool:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
     labels = list(handles)
+    same = _identical_probes(metrics, mods)
     fig.suptitle(f"Few-shot linear probes (bars: ± 1 std over support sets; dashed: zero-shot)"
-                 f"{_suffix(report)}")
+                 f"{_suffix(report)}" + (f"\n{same}" if same else ""))
     if spare:  # the legend takes an empty panel
         spare[0].legend([handles[k] for k in labels], labels, loc="center", fontsize=9)
         fig.tight_layout(rect=(0, 0, 1, 0.95))
@@ -177,33 +200,44 @@ def confusion_plot(cms: dict[str, np.ndarray], stage: str, report: dict, path: P
 def cross_modal_plot(report: dict, path: Path) -> bool:
     """Heat maps of class-level precision@10 minus chance, query modality x gallery modality."""
     metrics = report["metrics"]
-    stages = [s for s in metrics if any("->" in k for k in metrics[s])]
+    stages = sorted((s for s in metrics if any("->" in k for k in metrics[s])), key=_stage_order)
     if not stages:
         return False
     mods = [m for m in MODALITIES if any(k.startswith(f"{m}->") for s in stages for k in metrics[s])]
-    fig, axes = plt.subplots(1, len(stages), figsize=(4.4 * len(stages) + 1, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.4 * len(stages) + 1.5, 4.2), squeeze=False)
     im = None
-    for ax, stage in zip(axes.flat, stages):
+    grids, sig = {}, {}
+    for stage in stages:
         grid = np.full((len(mods), len(mods)), np.nan)
+        above = np.zeros_like(grid, dtype=bool)
         for i, a in enumerate(mods):
             for j, b in enumerate(mods):
                 cm = metrics[stage].get(f"{a}->{b}", {}).get("cross_modal")
                 head = (cm or {}).get("headline", "precision@10")
                 if cm and cm.get(head) is not None:
                     grid[i, j] = 100 * (cm[head] - cm["chance"])
-        im = ax.imshow(grid, cmap="RdBu_r", vmin=-50, vmax=50)
+                    ci = cm.get("ci95") or cm.get(f"{head}_ci95")
+                    above[i, j] = bool(ci) and ci[0] > cm["chance"]
+        grids[stage], sig[stage] = grid, above
+    # the colour scale follows the data (at least ±10 points) so that small effects stay visible
+    vmax = max(10.0, float(np.nanmax(np.abs(np.stack(list(grids.values()))))) if grids else 10.0)
+    for ax, stage in zip(axes.flat, stages):
+        grid = grids[stage]
+        im = ax.imshow(grid, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
         for i in range(len(mods)):
             for j in range(len(mods)):
                 if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:+.0f}", ha="center", va="center", fontsize=8)
-        ax.set_xticks(range(len(mods)), mods, fontsize=8)
-        ax.set_yticks(range(len(mods)), mods, fontsize=8)
+                    star = "*" if sig[stage][i, j] else ""
+                    ax.text(j, i, f"{grid[i, j]:+.0f}{star}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(mods)), mods, fontsize=8, rotation=45, ha="right")
+        ax.set_yticks(range(len(mods)), mods if ax is axes.flat[0] else [""] * len(mods), fontsize=8)
         ax.set_xlabel("gallery modality")
         ax.set_title(stage)
     axes.flat[0].set_ylabel("query modality")
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8,
                  label="class-level precision@10 minus chance (% points)")
-    fig.suptitle(f"Cross-modal retrieval between linked patients{_suffix(report)}")
+    fig.suptitle(f"Cross-modal retrieval between linked patients{_suffix(report)}\n"
+                 f"* = 95% interval entirely above chance")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
@@ -215,6 +249,7 @@ def make_all(report: dict, confusions: dict[str, dict[str, np.ndarray]],
     """Write every figure into ``out_dir``; returns ``{name: path relative to the report}``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     made: dict[str, str] = {}
+    made_tsne: list[str] = []
 
     def _rel(p: Path) -> str:
         return f"{out_dir.name}/{p.name}"
@@ -225,13 +260,19 @@ def make_all(report: dict, confusions: dict[str, dict[str, np.ndarray]],
     p = out_dir / "cross_modal.png"
     if cross_modal_plot(report, p):
         made["cross_modal"] = _rel(p)
-    for stage in report["metrics"]:
+    for stage in sorted(report["metrics"], key=_stage_order):
         p = out_dir / f"confusion_{stage}.png"
         if confusion_plot(confusions.get(stage, {}), stage, report, p):
             made[f"confusion_{stage}"] = _rel(p)
         if stage in tsne and cfg.tsne_max_points:
             p = out_dir / f"tsne_{stage}.png"
             emb, mods, conds = tsne[stage]
+            same = [s for s in made_tsne if np.array_equal(tsne[s][0], emb)]
+            if same:
+                # distillation trains the text side only: the map would repeat an earlier one
+                report.setdefault("tsne_same_as", {})[stage] = same[0]
+                continue
+            made_tsne.append(stage)
             if tsne_plot(emb, mods, conds, stage, report, p, cfg.seed, cfg.tsne_max_points):
                 made[f"tsne_{stage}"] = _rel(p)
     return made

@@ -250,11 +250,36 @@ def _figures(report: dict) -> list[str]:
                    "coloured by modality (left) and by the patient's primary condition (right), "
                    "as MEDBind Fig. 2. A bound space mixes modalities and groups conditions.")
         out += [f"![{k}]({plots[k]})" for k in tsne]
+        for stage, earlier in report.get("tsne_same_as", {}).items():
+            out.append(f"Stage '{stage}' embeds every item exactly as stage '{earlier}' "
+                       f"(distillation trains the text side only), so its map is the one above.")
     conf = [k for k in plots if k.startswith("confusion_")]
     if conf:
         out.append(f"## 7. Zero-shot confusion matrices{sim}")
         out += [f"![{k}]({plots[k]})" for k in conf]
     return out
+
+
+def _fmt_ms(cell: dict) -> str:
+    if not cell or not cell.get("n"):
+        return DASH
+    return f"{cell['mean']:.3f} ± {cell['std']:.3f}"
+
+
+def render_comparison(comparison: dict) -> str:
+    """The options-comparison section (``train.compare``): per comparison, each metric's
+    mean ± std over seeds for the reference and the option, and the paired difference."""
+    seeds = comparison.get("seeds", [])
+    lines = [f"## Options against the plain run (simulated; mean ± sample std over {len(seeds)} "
+             f"seeds {seeds})", ""]
+    for c in comparison.get("comparisons", []):
+        ref, opt = c["reference"], c["option"]
+        rows = [[r["metric"], _fmt_ms(r.get(ref)), _fmt_ms(r.get(opt)), _fmt_ms(r.get("delta")),
+                 f"{r['delta']['wins']}/{r['delta']['n']}" if r.get("delta", {}).get("n") else DASH]
+                for r in c["rows"]]
+        lines += [f"### {c['title']}", "",
+                  table(["metric", ref, opt, f"{opt} − {ref}", "seeds where higher"], rows), ""]
+    return "\n".join(lines) + "\n"
 
 
 def render_markdown(report: dict) -> str:
@@ -287,6 +312,8 @@ def render_markdown(report: dict) -> str:
         part = section(report)
         if part:
             lines += ["\n\n".join(part), ""]
+    if report.get("options_comparison"):
+        lines += [render_comparison(report["options_comparison"]), ""]
     notes = report.get("notes") or []
     failed = data.get("failed_items") or {}
     if notes or failed:

@@ -104,6 +104,34 @@ def _cohort_is_simulated(root: Path) -> bool:
         return False
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished children so far."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class PhaseClock:
+    """Wall and CPU seconds per phase (``timing[phase] = {"wall_s", "cpu_s"}``); phases that do not
+    run in this process (done before a resume) keep what an earlier run recorded."""
+
+    def __init__(self, timing: dict):
+        self.timing = timing
+        self.wall, self.cpu = time.time(), cpu_seconds()
+
+    def lap(self, phase: str) -> None:
+        """Close ``phase`` (it ran since the previous lap) and start the next one."""
+        wall, cpu = time.time(), cpu_seconds()
+        self.timing[phase] = {"wall_s": round(wall - self.wall, 1), "cpu_s": round(cpu - self.cpu, 1)}
+        log.info("timing: %s took %.1f s wall, %.1f s CPU", phase, wall - self.wall, cpu - self.cpu)
+        self.wall, self.cpu = wall, cpu
+
+    def skip(self) -> None:
+        """Restart the clock without recording (a phase loaded rather than run)."""
+        self.wall, self.cpu = time.time(), cpu_seconds()
+
+
 def _save_model(model: BoundModel, path: Path, provenance: dict, rt: Runtime) -> None:
     if rt.dist.is_main:
         model.save(path, provenance=provenance)
@@ -124,10 +152,13 @@ def run(cfg: TrainConfig, out: Path) -> dict[str, Any]:
     D.barrier()
 
     # ------------------------------------------------------------------ data
+    timing: dict[str, dict] = {}
+    clock = PhaseClock(timing)
     if info.is_main:
         root = ensure_cohort(cfg.data)
     D.barrier()
     root = ensure_cohort(cfg.data)
+    clock.lap("cohort")
     rows = read_items(cfg.data, root)
     mods = list(cfg.data.modalities)
     from m3bind.teachers import load_teacher
@@ -147,6 +178,9 @@ def run(cfg: TrainConfig, out: Path) -> dict[str, Any]:
     metrics = MetricsLog(out / "metrics.csv", info.is_main, cfg.runtime.tensorboard)
     summary_path = out / "train_summary.json"
     summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    clock.lap("preprocess")
+    timing = clock.timing = {**summary.get("timing", {}), **timing}
+    summary["timing"] = timing
     simulated = not cfg.data.datasets and _cohort_is_simulated(root)
     summary.update(data={"cohort": str(root), "datasets": {m: s.adapter for m, s in cfg.data.datasets.items()},
                          "train_sizes": sizes, "simulated": simulated})
@@ -174,11 +208,13 @@ def run(cfg: TrainConfig, out: Path) -> dict[str, Any]:
     from train.stages.pretrain import run_pretrain
 
     zoo = load_stage("pretrain")
+    clock.skip()
     if zoo is None:
         if "pretrain" not in cfg.stages and len(sourced) < len(mods):
             raise ConfigError("stage pretrain is off but some modalities have no teacher source "
                               "and no zoo_model exists", str(out))
         teachers, s0 = run_pretrain(cfg, train, params, rt, metrics, sourced)
+        clock.lap("pretrain")
         finish("pretrain", BoundModel.from_teachers(teachers, name=f"{cfg.name}-zoo"), s0)
         zoo = teachers
 
@@ -186,10 +222,12 @@ def run(cfg: TrainConfig, out: Path) -> dict[str, Any]:
     bound = None
     if "bind" in cfg.stages or "distill" in cfg.stages:
         bound = load_stage("bind")
+        clock.skip()
         if bound is None:
             from train.stages.bind import run_bind
 
             bound, s1 = run_bind(cfg, zoo, train, pools, rt, metrics)
+            clock.lap("bind")
             finish("bind", BoundModel.from_teachers(bound, name=f"{cfg.name}-bound"), s1)
 
     # ------------------------------------------------------------------ stage 2
@@ -198,7 +236,9 @@ def run(cfg: TrainConfig, out: Path) -> dict[str, Any]:
         if not (is_done(stage_dir("distill")) and (final_dir / "config.json").is_file()):
             from train.stages.distill import run_distill
 
+            clock.skip()
             student, s2 = run_distill(cfg, bound, train, pools, rt, metrics)
+            clock.lap("distill")
             model = BoundModel.from_teachers(bound, student_text=student, name=cfg.name,
                                              student_head=cfg.distill.head)
             finish("distill", model, s2)
@@ -229,8 +269,11 @@ def run_evaluate(cfg: TrainConfig, root: Path, out: Path, summary: dict) -> dict
         names["distilled"] = "model"
     models = {stage: load_model(out / d) for stage, d in names.items() if (out / d / "config.json").is_file()}
     t0 = time.time()
+    c0 = cpu_seconds()
     report = evaluate(models, root, out, ecfg)
     summary["eval_seconds"] = round(time.time() - t0, 1)
+    summary.setdefault("timing", {})["evaluate"] = {"wall_s": summary["eval_seconds"],
+                                                     "cpu_s": round(cpu_seconds() - c0, 1)}
     _add_training_section(out, report, summary)
     return report
 
@@ -248,11 +291,25 @@ def _add_training_section(out: Path, report: dict, summary: dict) -> None:
     if bal:
         lines.append(f"- adaptive modality balancing: {bal.get('variant')}; p_m = {_r(bal.get('probs'))}, "
                      f"w_m = {_r(bal.get('weights'))}, η_m = {_r(bal.get('lrs'))}")
+    prompted = {m: s["prompt_caption_prob"] for m, s in (summary.get("pretrain") or {}).items()
+                if isinstance(s, dict) and s.get("prompt_caption_prob")}
+    if prompted:
+        lines.append(f"- **label prompts as captions** in stage 0 (share of training captions): {prompted}. "
+                     "These teachers saw disease prompts built from training labels with the zero-shot "
+                     "templates (MMCLIP-style), so their zero-shot scores measure transfer to held-out "
+                     "images, not to label phrasings never seen in training.")
     for stage in ("pretrain", "bind", "distill"):
         s = summary.get(stage)
         if isinstance(s, dict):
             lines.append(f"- {stage}: {_stage_line(stage, s)}")
     lines.append(f"- training wall time: {summary.get('train_seconds')} s; evaluation: {summary.get('eval_seconds')} s")
+    timing = summary.get("timing") or {}
+    if timing:
+        lines += ["", "| phase | wall s | CPU s |", "|---|---|---|"]
+        lines += [f"| {k} | {v.get('wall_s')} | {v.get('cpu_s')} |" for k, v in timing.items()]
+        lines.append("")
+        lines.append("CPU s counts every thread and worker process (user + system); on a loaded machine "
+                     "wall time is an upper bound of what the same run takes alone.")
     with (out / "report.md").open("a") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -43,10 +43,10 @@ def zeroshot_json(services: Services, file: Any, labels: str) -> dict[str, Any]:
     path = _path(file)
     if not path:
         raise ConfigError("no file given")
-    sample = services.load(services.assemble([path]))
+    modality, embedding = services.embed_file(services.assemble([path]))
     wanted = [x.strip() for x in (labels or "").split(",") if x.strip()]
-    scores = services.zeroshot(sample, wanted or None)
-    return {"modality": sample.modality,
+    scores = services.zeroshot_vector(modality, embedding, wanted or None)
+    return {"modality": modality,
             "labels": [{"label": lbl, "score": float(s)} for lbl, s in scores]}
 
 
@@ -57,8 +57,8 @@ def search_json(services: Services, query_file: Any, query_text: str, target_mod
     text = (query_text or "").strip()
     if bool(path) == bool(text):
         raise ConfigError("give either query_file or query_text (the other empty)")
-    sample = services.load(services.assemble([path])) if path else None
-    hits = services.search(sample=sample, text=text or None, target=target_modality, k=int(k or 10))
+    hits = services.search(path=services.assemble([path]) if path else None, text=text or None,
+                           target=target_modality, k=int(k or 10))
     return {"results": hits}
 
 

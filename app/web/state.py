@@ -7,7 +7,9 @@ directly; they go through :class:`Services`, which
 * opens the catalogue when one is configured (and says so when there is none),
 * reads every file through :func:`m3bind.io.load` after checking that the path lies inside the
   archive root, Gradio's upload folder or the app's own work folder,
-* keeps saved prompt sets as JSON in a user folder.
+* keeps saved prompt sets as JSON in a user folder,
+* remembers the last few upload embeddings (by content) and label embeddings, so that one
+  upload labelled zero-shot and then searched is read and embedded once.
 
 Every user-facing failure is an :class:`~m3bind.errors.M3BindError`; the UI layer turns it
 into a ``gr.Warning``/``gr.Error`` with its one-line text.
@@ -15,6 +17,7 @@ into a ``gr.Warning``/``gr.Error`` with its one-line text.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,8 +26,10 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,8 @@ log = logging.getLogger(__name__)
 #: File names of a prompt-set store inside the prompt folder.
 PROMPT_FILE = "prompt_sets.json"
 _PROMPT_NAME = re.compile(r"^[\w .\-]{1,64}$")
+#: Entries kept by each of the app's small caches (upload embeddings, label embeddings).
+CACHE_ENTRIES = 64
 
 
 class NotReady(M3BindError):
@@ -84,6 +91,8 @@ class Services:
     _model_error: str | None = field(default=None, init=False, repr=False)
     _catalog: Any = field(default=None, init=False, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
+    _embeddings: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False)
+    _label_vectors: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.archive_root = Path(self.archive_root).resolve() if self.archive_root else None
@@ -230,29 +239,94 @@ class Services:
         return load(real, modality or None, keep_phi=self.keep_phi)
 
     # -------------------------------------------------------------- zero-shot
+    def _cached(self, cache: OrderedDict, key: Hashable, compute) -> Any:
+        """``cache[key]``, computed on a miss; least recently used entries beyond
+        :data:`CACHE_ENTRIES` are dropped."""
+        with self._lock:
+            if key in cache:
+                cache.move_to_end(key)
+                return cache[key]
+        value = compute()
+        with self._lock:
+            cache[key] = value
+            while len(cache) > CACHE_ENTRIES:
+                cache.popitem(last=False)
+        return value
+
+    def _embedding_key(self, path: Path, modality: str | None) -> tuple | None:
+        """Cache key of a file's embedding: its content (with same-stem siblings such as a WFDB
+        ``.dat``, or a folder's files), the modality asked for and the model."""
+        try:
+            files = sorted({path, *path.parent.glob(glob_escape(path.stem) + ".*")}) if path.is_file() \
+                else sorted(f for f in path.rglob("*") if f.is_file())
+            h = hashlib.blake2b(digest_size=16)
+            for f in files:
+                h.update(f.name.encode("utf-8", "surrogateescape") + b"\0")
+                with open(f, "rb") as fh:
+                    for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                        h.update(chunk)
+        except OSError:
+            return None
+        return h.hexdigest(), modality or "", str(getattr(self.model, "model_id", ""))
+
     def embed(self, sample) -> np.ndarray:
-        """The sample's embedding ``[D]`` (L2-normalised)."""
+        """The sample's embedding ``[D]`` (L2-normalised), remembered by file content."""
         if sample.modality is None:
             raise UnsupportedFormat("modality unknown: choose one", sample.path)
         model = self.model
         if sample.modality not in model.modalities:
             raise ModelDirError(f"the model has no {sample.modality} encoder", str(self.model_dir))
-        return np.asarray(model.embed([sample]))[0]
+
+        def compute():
+            return np.asarray(model.embed([sample]), np.float32)[0]
+
+        key = self._embedding_key(Path(sample.path), sample.modality) if sample.path else None
+        if key is None:
+            return compute()
+        return self._cached(self._embeddings, ("sample",) + key, compute)
+
+    def embed_file(self, path: str | os.PathLike, modality: str | None = None) -> tuple[str, np.ndarray]:
+        """``(modality, embedding)`` of one file or folder; an unchanged file already embedded
+        is neither read nor embedded again."""
+        real = self.check_path(path)
+
+        def compute():
+            sample = self.load(real, modality)
+            return sample.modality, self.embed(sample)
+
+        key = self._embedding_key(real, modality)
+        return compute() if key is None else self._cached(self._embeddings, ("file",) + key, compute)
+
+    def label_vectors(self, modality: str, labels: list[str], templates: list[str] | None = None,
+                      mode: str = "ensemble") -> np.ndarray:
+        """Ensembled label embeddings ``[L, D]`` (:func:`m3bind.zeroshot.label_embeddings`),
+        remembered per model, modality, labels, templates and mode."""
+        from m3bind.zeroshot import label_embeddings
+
+        model = self.model
+        key = (str(getattr(model, "model_id", "")), modality, tuple(labels), tuple(templates or ()), mode)
+        return self._cached(self._label_vectors, key,
+                            lambda: label_embeddings(model, modality, labels, templates or None, mode))
 
     def zeroshot(self, sample, labels: list[str] | None = None,
                  templates: list[str] | None = None, mode: str = "ensemble") -> list[tuple[str, float]]:
         """Zero-shot scores (softmax, best first) with :func:`m3bind.zeroshot.classify`."""
+        return self.zeroshot_vector(sample.modality, self.embed(sample), labels, templates, mode)
+
+    def zeroshot_vector(self, modality: str, embedding: np.ndarray, labels: list[str] | None = None,
+                        templates: list[str] | None = None,
+                        mode: str = "ensemble") -> list[tuple[str, float]]:
+        """Zero-shot scores of an embedding of ``modality`` (see :meth:`zeroshot`)."""
         from m3bind.zeroshot import classify
 
-        labels = [x for x in (labels or []) if x] or list(get_spec(sample.modality).labels)
+        labels = [x for x in (labels or []) if x] or list(get_spec(modality).labels)
         if len(set(labels)) < 2:
             raise ConfigError("give at least two different labels")
         for t in templates or []:
             if "{}" not in t:
                 raise ConfigError(f"prompt template without {{}} placeholder: {t!r}")
-        emb = self.embed(sample)
-        scores = classify(self.model, emb, labels=labels, modality=sample.modality,
-                          templates=list(templates) if templates else None, mode=mode)
+        text = self.label_vectors(modality, labels, list(templates) if templates else None, mode)
+        scores = classify(self.model, embedding, labels=labels, modality=modality, label_vectors=text)
         return [(str(lbl), float(s)) for lbl, s in scores]
 
     # ------------------------------------------------------------ prompt sets
@@ -288,9 +362,10 @@ class Services:
         tmp.replace(f)
 
     # ----------------------------------------------------------------- search
-    def search(self, *, sample=None, text: str | None = None, target: str,
-               k: int = 10) -> list[dict[str, Any]]:
-        """Nearest catalogue items of modality ``target`` to a sample or a text query.
+    def search(self, *, sample=None, text: str | None = None, path: str | os.PathLike | None = None,
+               target: str, k: int = 10) -> list[dict[str, Any]]:
+        """Nearest catalogue items of modality ``target`` to a sample, a file or a text query
+        (exactly one of ``sample``, ``path`` and ``text``).
 
         Goes through :func:`data_registry.search.search` (the CLI's search), so the results are
         the CLI's JSON rows (``path, modality, score, patient, study`` and what it adds).
@@ -300,16 +375,22 @@ class Services:
 
         if target not in MODALITIES:
             raise ConfigError(f"unknown target modality {target!r}")
-        if (sample is None) == (not (text or "").strip()):
+        given = [x for x in (sample, path, (text or "").strip() or None) if x is not None]
+        if len(given) != 1:
             raise ConfigError("give either a query file or a query text, not both")
         k = max(1, min(int(k), 100))
         catalog = self.catalog()
         model = self.model
+        vector = None
         if sample is not None:
-            query, modality = str(self.check_path(sample.path)), sample.modality
+            query, modality, vector = str(self.check_path(sample.path)), sample.modality, self.embed(sample)
+        elif path is not None:
+            query = str(self.check_path(path))
+            modality, vector = self.embed_file(query)
         else:
             query, modality = TEXT_PREFIX + text.strip(), None
-        return archive_search(catalog, model, query, target, k, modality=modality)["results"]
+        return archive_search(catalog, model, query, target, k, modality=modality,
+                              query_vector=vector)["results"]
 
     # ---------------------------------------------------------------- archive
     def index(self, root: str | os.PathLike | None) -> dict[str, Any]:

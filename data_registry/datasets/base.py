@@ -216,6 +216,18 @@ def read_csv(path: Path, **kw):
     return pd.read_csv(path, **kw)
 
 
+def read_rows(path: Path, **kw) -> list[dict[str, str]]:
+    """The rows of a distributor's table as dicts, every cell a string and blank cells ``""``.
+
+    ``.xlsx``/``.xls`` files are read with :func:`pandas.read_excel`, anything else (CSV,
+    gzipped CSV) with :func:`read_csv`; ``kw`` goes to the pandas reader.
+    """
+    import pandas as pd
+
+    reader = pd.read_excel if Path(path).suffix.lower() in (".xlsx", ".xls") else read_csv
+    return reader(path, dtype=str, **kw).fillna("").to_dict("records")
+
+
 def find_file(root: Path, name: str) -> Path | None:
     """The first file called ``name`` below ``root`` (sorted walk), or None."""
     hits = sorted(root.rglob(name))

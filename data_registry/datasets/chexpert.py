@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DATASETS, MedicalDataset, Record, read_csv, to_label
+from .base import DATASETS, MedicalDataset, Record, read_rows, to_label
 
 CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
                    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
@@ -40,7 +40,7 @@ def _rows(ds: MedicalDataset):
     for fname, split in (("train.csv", "train"), ("valid.csv", "val"), ("test.csv", "test")):
         p = ds.root / fname
         if p.exists():
-            for r in read_csv(p, dtype=str).fillna("").to_dict("records"):
+            for r in read_rows(p):
                 yield r, split
 
 

@@ -11,7 +11,7 @@ PhysioNet/CinC 2020 release) anywhere below root. One record per patient.
 
 from __future__ import annotations
 
-from .base import DATASETS, MedicalDataset, Record, read_csv
+from .base import DATASETS, MedicalDataset, Record, read_rows
 
 CPSC_CLASSES = ("normal", "atrial fibrillation", "first-degree atrioventricular block", "left bundle branch block",
                 "right bundle branch block", "premature atrial contraction", "premature ventricular contraction",
@@ -27,9 +27,9 @@ class CPSC2018(MedicalDataset):
     url = "http://2018.icbeb.org/Challenge.html"
 
     def _scan(self):
-        ref = read_csv(self._require("REFERENCE.csv", "TrainingSet/REFERENCE.csv"), dtype=str).fillna("")
+        ref = read_rows(self._require("REFERENCE.csv", "TrainingSet/REFERENCE.csv"))
         headers = {p.stem: p for p in sorted(self.root.rglob("*.hea"))}
-        for r in ref.to_dict("records"):
+        for r in ref:
             rec = r["Recording"]
             codes = {int(float(r[c])) for c in ("First_label", "Second_label", "Third_label") if r.get(c, "")}
             yield Record(path=headers.get(rec, self.root / f"{rec}.hea"), patient=rec,

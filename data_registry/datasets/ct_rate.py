@@ -17,7 +17,7 @@ distributor's train/valid split is patient-disjoint; its ``valid`` is used as ``
 
 from __future__ import annotations
 
-from .base import DATASETS, MedicalDataset, Record, read_csv
+from .base import DATASETS, MedicalDataset, Record, read_rows
 
 CT_RATE_LABELS = ("Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
                   "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema",
@@ -41,13 +41,13 @@ class CTRATE(MedicalDataset):
             self._require("dataset/radiology_text_reports", "dataset/multi_abnormality_labels")
         reports, labels = {}, {}
         for p in sorted(rep_dir.glob("*.csv")) if rep_dir.is_dir() else []:
-            for r in read_csv(p, dtype=str).fillna("").to_dict("records"):
+            for r in read_rows(p):
                 text = " ".join(x for x in (f"Findings: {r.get('Findings_EN', '')}" if r.get("Findings_EN") else "",
                                             f"Impression: {r.get('Impressions_EN', '')}" if r.get("Impressions_EN")
                                             else "") if x)
                 reports[r["VolumeName"]] = text or None
         for p in sorted(lab_dir.glob("*.csv")) if lab_dir.is_dir() else []:
-            for r in read_csv(p, dtype=str).fillna("").to_dict("records"):
+            for r in read_rows(p):
                 labels[r["VolumeName"]] = r
         for vol in sorted(set(reports) | set(labels)):
             stem = vol.replace(".nii.gz", "")

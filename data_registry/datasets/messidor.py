@@ -17,7 +17,7 @@ image's examination stem; say so when reporting.
 
 from __future__ import annotations
 
-from .base import DATASETS, MedicalDataset, Record, read_csv
+from .base import DATASETS, MedicalDataset, Record, read_csv, read_rows
 
 DR_LABELS = ("no diabetic retinopathy", "mild diabetic retinopathy", "moderate diabetic retinopathy",
              "severe diabetic retinopathy", "proliferative diabetic retinopathy", "macular edema")
@@ -42,7 +42,7 @@ class Messidor(MedicalDataset):
         if m2.exists():
             img_dir = next((self.root / d for d in ("IMAGES", "images", "messidor-2/preprocess")
                             if (self.root / d).is_dir()), self.root)
-            for r in read_csv(m2, dtype=str).fillna("").to_dict("records"):
+            for r in read_rows(m2):
                 if r.get("adjudicated_gradable", "1") in ("0", "0.0") or not r.get("adjudicated_dr_grade"):
                     continue
                 dme = float(r["adjudicated_dme"]) if r.get("adjudicated_dme") else float("nan")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from .base import DATASETS, MedicalDataset, Record, read_csv
+from .base import DATASETS, MedicalDataset, Record, read_csv, read_rows
 
 #: Rule-based labels: label -> (pattern that sets it, veto pattern, veto scope). A veto in
 #: scope "sentence" cancels only a hit in the same statement (hedges such as "possible ...
@@ -70,7 +70,7 @@ class MIMICIVECG(MedicalDataset):
         mm_p = self.root / "machine_measurements.csv"
         mm = {}
         if mm_p.exists():
-            for r in read_csv(mm_p, dtype=str).fillna("").to_dict("records"):
+            for r in read_rows(mm_p):
                 mm[r["study_id"]] = r
         for r in rec.to_dict("records"):
             text = machine_report(mm.get(r["study_id"], {}))

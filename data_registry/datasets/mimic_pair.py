@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 
-from .base import DATASETS, MedicalDataset, Record, read_csv
+from .base import DATASETS, MedicalDataset, Record, read_rows
 from .mimic_cxr import CHEXPERT_LABELS, MIMICCXR
 from .mimic_ecg import MIMICIVECG
 
@@ -84,7 +84,7 @@ class MIMICPair(MedicalDataset):
         for name in ("mimic-iv/hosp/admissions.csv.gz", "mimic-iv/hosp/admissions.csv"):
             p = self.root / name
             if p.exists():
-                for r in read_csv(p, dtype=str).fillna("").to_dict("records"):
+                for r in read_rows(p):
                     if r.get("admittime") and r.get("dischtime"):
                         admissions[r["subject_id"]].append((dt.datetime.fromisoformat(r["admittime"]),
                                                             dt.datetime.fromisoformat(r["dischtime"]), r["hadm_id"]))

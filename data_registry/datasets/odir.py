@@ -16,7 +16,7 @@ Labels are the patient-level letters as given; the eye's diagnostic keywords are
 
 from __future__ import annotations
 
-from .base import DATASETS, MedicalDataset, Record, read_csv
+from .base import DATASETS, MedicalDataset, Record, read_rows
 
 ODIR_LABELS = ("normal", "diabetes", "glaucoma", "cataract", "age-related macular degeneration",
                "hypertension", "pathological myopia", "other")
@@ -31,23 +31,21 @@ class ODIR(MedicalDataset):
     citation = "Li et al., A Benchmark of Ocular Disease Intelligent Recognition, Bench 2020 (ODIR-5K)"
     url = "https://odir2019.grand-challenge.org/"
 
-    def _table(self):
+    def _table(self) -> list[dict[str, str]]:
         for name in ("ODIR-5K_Training_Annotations(Updated)_V2.csv", "full_df.csv", "data.csv"):
             if (self.root / name).exists():
-                return read_csv(self.root / name, dtype=str)
+                return read_rows(self.root / name)
         xlsx = sorted(self.root.glob("ODIR-5K_Training_Annotations*.xlsx"))
         if xlsx:
-            import pandas as pd
-
-            return pd.read_excel(xlsx[0], dtype=str)
+            return read_rows(xlsx[0])
         self._require("ODIR-5K_Training_Annotations(Updated)_V2.xlsx", "full_df.csv")
 
     def _scan(self):
-        df = self._table().fillna("")
+        rows = self._table()
         img_dir = next((self.root / d for d in ("ODIR-5K_Training_Dataset", "Training Images", "preprocessed_images",
                                                 "ODIR-5K/Training Images") if (self.root / d).is_dir()), self.root)
         seen = set()
-        for r in df.to_dict("records"):
+        for r in rows:
             pid = str(int(float(r["ID"])))
             if pid in seen:  # Kaggle's full_df.csv repeats the patient row per eye
                 continue

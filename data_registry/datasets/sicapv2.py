@@ -16,7 +16,7 @@ partition is patient-disjoint from Train (here ``test``/``train``).
 
 from __future__ import annotations
 
-from .base import DATASETS, MedicalDataset, Record
+from .base import DATASETS, MedicalDataset, Record, read_rows, to_label
 
 SICAP_LABELS = ("non-cancerous", "gleason pattern 3", "gleason pattern 4", "gleason pattern 5")
 _COLS = ("NC", "G3", "G4", "G5")
@@ -31,8 +31,6 @@ class SICAPv2(MedicalDataset):
     url = "https://data.mendeley.com/datasets/9xxm58dvs3/1"
 
     def _scan(self):
-        import pandas as pd
-
         found = False
         for fname, split in (("Train", "train"), ("Test", "test")):
             for ext in (".xlsx", ".csv"):
@@ -40,11 +38,10 @@ class SICAPv2(MedicalDataset):
                 if not p.exists():
                     continue
                 found = True
-                df = pd.read_excel(p) if ext == ".xlsx" else pd.read_csv(p)
-                for r in df.to_dict("records"):
-                    name = str(r["image_name"])
+                for r in read_rows(p):
+                    name = r["image_name"]
                     yield Record(path=self.root / "images" / name, patient=name.split("_Block")[0], split=split,
-                                 labels=self._vector({lab: float(r[c]) for lab, c in zip(SICAP_LABELS, _COLS)}))
+                                 labels=self._vector({lab: to_label(r[c]) for lab, c in zip(SICAP_LABELS, _COLS)}))
                 break
         if not found:
             self._require("partition/Test/Train.xlsx")

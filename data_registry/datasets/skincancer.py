@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import DATASETS, MedicalDataset, Record, read_csv
+from .base import DATASETS, MedicalDataset, Record, read_rows
 
 SKIN_LABELS = ("necrosis", "skeletal muscle", "eccrine sweat glands", "vessels", "elastosis", "chondral tissue",
                "hair follicle", "epidermis", "nerves", "subcutis", "dermis", "sebaceous glands",
@@ -52,7 +52,7 @@ class SkinCancer(MedicalDataset):
     def _scan(self):
         csv = self.root / "tiles-v2.csv"
         if csv.exists():
-            for r in read_csv(csv, dtype=str).fillna("").to_dict("records"):
+            for r in read_rows(csv):
                 lab = class_name(r["class"])
                 if lab is None:
                     continue

@@ -1,4 +1,4 @@
-"""``python -m data_registry.synthetic --out DIR --patients N --seed S [--size small|full]``."""
+"""``python -m data_registry.synthetic --out DIR --patients N --seed S [--size tiny|small|full] [--workers W]``."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--patients", type=int, default=1200, help="number of patients (default 1200)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--size", choices=("small", "full"), default="small", help="image sizes (default small)")
+    p.add_argument("--size", choices=("tiny", "small", "full"), default="small",
+                   help="image sizes (default small; tiny = near the CPU demo's training resolution, fastest)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of patients in val")
     p.add_argument("--test-fraction", type=float, default=0.15, help="fraction of patients in the linked test split")
     p.add_argument("--paired-fraction", type=float, default=0.0,
@@ -30,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-noise", type=float, default=0.0, help="fraction of wrongly annotated items")
     p.add_argument("--modalities", default=None, help="comma-separated subset of modalities")
     p.add_argument("--slide-format", choices=("tiff", "png"), default="tiff", help="pathology file format")
+    p.add_argument("--workers", type=int, default=1,
+                   help="parallel worker processes (default 1; 0 = one per CPU core); output does not depend on it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -41,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
 
     kw = {"val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
               "paired_fraction": args.paired_fraction, "signal": args.signal, "noise": args.noise,
-              "label_noise": args.label_noise, "slide_format": args.slide_format}
+              "label_noise": args.label_noise, "slide_format": args.slide_format,
+              "workers": args.workers}
     if args.modalities:
         kw["modalities"] = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
         bad = [m for m in kw["modalities"] if m not in MODALITIES]

@@ -205,7 +205,7 @@ def _findings(p: Patient, rng: np.random.Generator, signal: float) -> None:
     ct = {"lung nodule": int(lc and rng.random() < 0.95), "consolidation": int(pn and rng.random() < 0.9),
           "pleural effusion": int((hf and rng.random() < 0.6) or (pn and rng.random() < 0.15))}
     p.findings["ct"] = ct
-    p.attrs["ct"] = {"nodule_side": cxr_attrs["mass_side"], "nodule_mm": float(rng.uniform(8, 28)),
+    p.attrs["ct"] = {"nodule_side": cxr_attrs["mass_side"], "nodule_mm": float(rng.uniform(18, 34)),
                      "consolidation_side": cxr_attrs["consolidation_side"],
                      "effusion_side": eff_side, "effusion_size": float(rng.uniform(0.5, 1.0))}
     # -- ECG

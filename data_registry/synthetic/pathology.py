@@ -5,7 +5,10 @@ turned into colour with stain vectors, so colours mix like real stains. Normal t
 glands with open lumens lined by one row of small uniform basal nuclei in fibrous stroma.
 Low grade tumour: crowded, irregular glands with enlarged, mildly atypical, stratified
 nuclei. High grade tumour: solid sheets of pleomorphic, hyperchromatic nuclei with little or
-no gland formation and mitoses. Nuisance: stain intensity and hue, section thickness, blur.
+no gland formation and mitoses. Nuisance, per slide: stain amount and hue (labs and batches
+differ by up to ~3x in each stain), section thickness, the scanner's white balance and
+illumination, blur, stromal inflammation, gland size in normal tissue and stroma between the
+tumour cell sheets, so that the mean colour of a field does not give its grade away.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ _E = np.array([0.07, 0.99, 0.11])
 
 
 def _stains(h: np.ndarray, e: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
-    hv = _H / np.linalg.norm(_H) * (1 + rng.normal(0, 0.12 * noise, 3))
-    ev = _E / np.linalg.norm(_E) * (1 + rng.normal(0, 0.12 * noise, 3))
-    # stain batches differ a lot between labs: amount of each stain varies by up to ~2x
-    od = h[..., None] * hv * np.exp(noise * rng.uniform(-0.55, 0.55)) \
-        + e[..., None] * ev * np.exp(noise * rng.uniform(-0.55, 0.55))
-    return (255 * np.exp(-od)).clip(0, 255).astype(np.uint8)
+    hv = _H / np.linalg.norm(_H) * (1 + rng.normal(0, 0.15 * noise, 3))
+    ev = _E / np.linalg.norm(_E) * (1 + rng.normal(0, 0.15 * noise, 3))
+    # stain batches differ a lot between labs: amount of each stain varies by up to ~3x
+    od = h[..., None] * hv * np.exp(noise * rng.uniform(-0.5, 0.7)) \
+        + e[..., None] * ev * np.exp(noise * rng.uniform(-0.5, 0.7))
+    # scanner white balance and lamp: the light through bare glass differs per channel
+    light = 255 * (1 - noise * rng.uniform(0.0, 0.08)) * (1 - noise * rng.uniform(0.0, 0.04, 3))
+    return (light * np.exp(-od)).clip(0, 255).astype(np.uint8)
 
 
 def render_tissue(grade: int, rng: np.random.Generator, size: int = 128, noise: float = 1.0,
@@ -56,7 +61,7 @@ def render_tissue(grade: int, rng: np.random.Generator, size: int = 128, noise: 
     nucleus_um = 5.5 + 2.2 * atyp
     pleo = 0.08 + 0.14 * atyp
     if grade < 2 or signal < 0.5:
-        gland_um = 55 - 12 * atyp
+        gland_um = (55 - 12 * atyp) * np.exp(noise * rng.uniform(-0.3, 0.3))
         spacing = gland_um * (1.45 - 0.3 * atyp)
         for gx in np.arange(rng.uniform(0, spacing), n / px + spacing, spacing):
             for gy in np.arange(rng.uniform(0, spacing), n / px + spacing, spacing):
@@ -80,7 +85,7 @@ def render_tissue(grade: int, rng: np.random.Generator, size: int = 128, noise: 
                         dh.ellipse([x - r, y - r * 0.7, x + r, y + r * 0.7], fill=int(150 + 60 * atyp * rng.random()))
     else:  # solid sheets of pleomorphic cells
         de.rectangle([0, 0, n, n], fill=120)
-        step = nucleus_um * 1.6 * px
+        step = nucleus_um * 1.6 * px * np.exp(noise * rng.uniform(-0.1, 0.3))  # cell density varies
         for gx in np.arange(0, n + step, step):
             for gy in np.arange(0, n + step, step):
                 x, y = gx + rng.normal(0, step * 0.3), gy + rng.normal(0, step * 0.3)
@@ -90,6 +95,11 @@ def render_tissue(grade: int, rng: np.random.Generator, size: int = 128, noise: 
         for _ in range(int(rng.integers(1, 4))):  # mitoses: dark clumps
             x, y = rng.uniform(0, n, 2)
             dh.ellipse([x - 4 * px, y - 2 * px, x + 4 * px, y + 2 * px], fill=255)
+        for _ in range(int(rng.integers(0, 3) * noise)):  # bands of pale stroma between the sheets
+            (x0, y0), a, w = rng.uniform(0, n, 2), rng.uniform(0, np.pi), rng.uniform(6, 20) * px
+            pts = [(x0 + t * np.cos(a), y0 + t * np.sin(a)) for t in (-2 * n, 2 * n)]
+            dh.line(pts, fill=0, width=int(w))
+            de.line(pts, fill=int(rng.uniform(45, 70)), width=int(w))
     # scattered stromal nuclei and lymphocytes; inflammation varies their density a lot
     inflammation = np.exp(noise * rng.uniform(-1.0, 1.4))
     for _ in range(int(n * n * inflammation / (px * px * 600))):
@@ -100,7 +110,7 @@ def render_tissue(grade: int, rng: np.random.Generator, size: int = 128, noise: 
     h = np.asarray(h_img.filter(blur).resize((size, size), Image.BILINEAR), dtype=np.float32) / 255 * 1.6
     e = np.asarray(e_img.filter(blur).resize((size, size), Image.BILINEAR), dtype=np.float32) / 255 * 1.1
     e = e * np.where(h > 0.2, 0.5, 1.0)
-    thick = rng.uniform(0.85, 1.15)
+    thick = np.exp(noise * rng.uniform(-0.25, 0.25))
     rgb = _stains(h * thick, e * thick + 0.05, rng, noise)
     rgb = rgb.astype(np.float32) + rng.normal(0, 3 * noise, rgb.shape)
     return rgb.clip(0, 255).astype(np.uint8)

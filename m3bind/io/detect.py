@@ -90,9 +90,29 @@ def _wsi_format(path: Path) -> str | None:
         return None
 
 
-def _dicom_modality(path: Path) -> str | None:
+def _dicom_modality(path: Path, *, part10: bool = False) -> str | None:
+    """Modality of a DICOM file.
+
+    A Part 10 file (``part10``: preamble and ``DICM`` seen) is read for its Modality and SOP
+    Class UID alone: the reader parses and checks the whole header once, right after, and
+    parsing it here too doubled the time of reading a DICOM file (a 12-lead ECG: 2 x 40 ms).
+    When those two elements cannot be read, the full parse here raises the one-line error.
+    """
     from m3bind.io.dicom import modality_of, read_header
 
+    if part10:
+        import pydicom
+
+        from m3bind.io.limits import ClampedFile
+
+        try:
+            size = check_file(path)
+            with open(path, "rb") as f:
+                ds = pydicom.dcmread(ClampedFile(f, size), specific_tags=["Modality", "SOPClassUID"],
+                                     stop_before_pixels=True)
+            return modality_of(ds)
+        except Exception as e:  # noqa: BLE001 - damaged: the full parse below says how
+            log.debug("DICOM modality peek failed (%s: %s); full parse", type(e).__name__, e)
     return modality_of(read_header(path))
 
 
@@ -113,7 +133,7 @@ def detect_file(path: Path) -> tuple[str, str | None]:
     check_file(path)
     h = _head(path)
     if len(h) >= 132 and h[128:132] == b"DICM":
-        return "dicom", _dicom_modality(path)
+        return "dicom", _dicom_modality(path, part10=True)
     if h[:8] == b"\x89PNG\r\n\x1a\n":
         return "png", None
     if h[:3] == b"\xff\xd8\xff":

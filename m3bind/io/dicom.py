@@ -422,6 +422,8 @@ def _ecg_sample(ds, path, keep_phi: bool) -> Sample:
         data = ds.waveform_array(idx)  # (samples, channels), channel sensitivity applied
     except Exception as e:  # noqa: BLE001
         raise CorruptFile(f"cannot decode waveform data: {e}", path) from None
+    if data.size == 0:  # NumberOfWaveformSamples = 0 gave an empty Sample (found by fuzzing)
+        raise CorruptFile("ECG waveform without samples", path)
     names, scale = [], []
     for ch in g.ChannelDefinitionSequence:
         src = ch.get("ChannelSourceSequence")

@@ -71,6 +71,26 @@ def check_signal(n: int, path: str | os.PathLike) -> None:
         raise TooLarge(f"signal of {n} values exceeds the limit of {LIMITS.max_signal_values}", path)
 
 
+def check_tiff_segments(page, size: int, path: str | os.PathLike, what: str = "TIFF") -> None:
+    """Raise :class:`CorruptFile` when a TIFF page's strips or tiles lie beyond the file's end.
+
+    tifffile reads each segment with ``fh.read(bytecount)``, and CPython allocates the count
+    before reading: a damaged TileByteCounts of 1.9e9 in a 64 KB file allocated 1.9 GB per
+    tile (found by fuzzing). Checking offset + count against the file size costs nothing.
+
+    Args:
+        page: A ``tifffile.TiffPage``.
+        size: The file's size in bytes.
+        path: For the message.
+        what: What the page is, for the message.
+    """
+    from m3bind.errors import CorruptFile
+
+    for off, n in zip(page.dataoffsets, page.databytecounts):
+        if off < 0 or n < 0 or off + n > size:
+            raise CorruptFile(f"{what} data lies beyond the end of the file", path)
+
+
 class ClampedFile:
     """A binary file whose ``read(n)`` never asks for more than what is left of the file.
 

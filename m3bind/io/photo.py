@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from m3bind.errors import CorruptFile, TooLarge, UnsupportedFormat
-from m3bind.io.limits import LIMITS, ClampedFile, check_file, check_pixels
+from m3bind.io.limits import LIMITS, ClampedFile, check_file, check_pixels, check_tiff_segments
 from m3bind.io.sample import Sample
 from m3bind.modalities import CXR, PATHOLOGY, RETINA
 
@@ -70,6 +70,7 @@ def _read_tifffile(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
         check_pixels(int(np.prod(page.shape, dtype=np.int64)), path, "TIFF page")
+        check_tiff_segments(page, os.path.getsize(path), path)
         arr = page.asarray()
         pages = len(tif.pages)
     if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
@@ -91,7 +92,7 @@ def read_pixels(path: str | os.PathLike, fmt: str) -> tuple[np.ndarray, dict[str
         if fmt == "tiff":
             try:
                 return _read_tifffile(path)
-            except TooLarge:
+            except (TooLarge, CorruptFile):
                 raise
             except Exception as e2:  # noqa: BLE001
                 raise CorruptFile(f"cannot decode TIFF: {e2}", path) from None

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from m3bind.errors import CorruptFile, TooLarge, UnsupportedFormat
-from m3bind.io.limits import LIMITS, check_pixels
+from m3bind.io.limits import LIMITS, check_pixels, check_tiff_segments
 from m3bind.io.sample import Sample
 from m3bind.modalities import PATHOLOGY
 
@@ -67,9 +67,7 @@ def check_tiff_geometry(path: Path) -> None:
                 if not page.is_tiled and i == 0:
                     rows = min(int(page.rowsperstrip or h), h)
                     check_pixels(rows * w * 4, path, "slide strip")
-                for off, n in zip(page.dataoffsets, page.databytecounts):
-                    if off + n > size:
-                        raise CorruptFile(f"slide data of page {i} lies beyond the end of the file", path)
+                check_tiff_segments(page, size, path, f"slide page {i}")
     except (TooLarge, CorruptFile):
         raise
     except Exception as e:  # noqa: BLE001 - tifffile raises TiffFileError, ValueError, struct.error ...
@@ -132,8 +130,11 @@ def tissue_mask(rgb: np.ndarray) -> tuple[np.ndarray, float]:
     from skimage.filters import threshold_otsu
 
     x = rgb[..., :3].astype(np.float32) / 255.0
-    val = x.max(axis=-1)
-    sat = np.where(val > 0, (val - x.min(axis=-1)) / np.maximum(val, 1e-6), 0.0)  # HSV saturation
+    # Channel-wise maximum/minimum (the same values as x.max(axis=-1), several times faster than
+    # a reduction over a length-3 last axis: it was most of a small slide's read time).
+    val = np.maximum(np.maximum(x[..., 0], x[..., 1]), x[..., 2])
+    low = np.minimum(np.minimum(x[..., 0], x[..., 1]), x[..., 2])
+    sat = np.where(val > 0, (val - low) / np.maximum(val, 1e-6), 0.0)  # HSV saturation
     if float(np.ptp(sat)) < 1e-3:
         return np.zeros(sat.shape, bool), 1.0
     t = max(float(threshold_otsu(sat)), 0.05)  # never call glass noise tissue

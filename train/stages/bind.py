@@ -25,7 +25,7 @@ from train.balancing import loss_weights, lr_scales, sampling_probs
 from train.config import BindConfig, TrainConfig
 from train.data import ModalityData, SharedTextSampler, StepBatcher, take
 from train.losses import OBJECTIVES, emcl_loss
-from train.stages.common import MetricsLog, Runtime, train_loop
+from train.stages.common import MetricsLog, PrefixFeatureCache, Runtime, train_loop
 from train.stages.pretrain import encode_images, is_tiled
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,9 @@ def run_bind(cfg: TrainConfig, zoo: dict[str, ModalityCLIP], train: dict[str, Mo
     and a summary (balancing terms, loop summary)."""
     bcfg = cfg.bind
     mods = list(cfg.data.modalities)
+    from train.options import withhold_reports  # no-op unless data.image_only_fraction > 0
+
+    withhold_reports(train, cfg)  # (idempotent) when stage 0 was loaded rather than run
     sizes = {m: len(train[m]) for m in mods}
     bal = balancing_terms(sizes, bcfg)
     log.info("bind: balancing %s; p=%s w=%s lr=%s", bal["variant"],
@@ -141,10 +144,14 @@ def run_bind(cfg: TrainConfig, zoo: dict[str, ModalityCLIP], train: dict[str, Mo
     teachers = {m: copy.deepcopy(zoo[m]).to(rt.device) for m in mods}
     frozen_trunk = not bcfg.lora_image_targets
     feats = {}
-    for m in mods:
+    for i, m in enumerate(mods):
         if frozen_trunk:
             feats[m] = trunk_features(teachers[m], m, train[m].x, rt)
-        add_lora(teachers[m], bcfg)
+        # LoRA's random init from a seed of its own, not from whatever the global RNG holds after
+        # stage 0 (a run resumed after stage 0 must build the same adapters as an uninterrupted one)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rt.seed("bind_lora_init", i))
+            add_lora(teachers[m], bcfg)
     groups = [{"params": [p for p in teachers[m].parameters() if p.requires_grad], "lr": bal["lrs"][m],
                "name": m} for m in mods]
     n_trainable = sum(p.numel() for g in groups for p in g["params"])
@@ -156,6 +163,10 @@ def run_bind(cfg: TrainConfig, zoo: dict[str, ModalityCLIP], train: dict[str, Mo
     objective = OBJECTIVES.get("m3bind")
     pairs = _paired_rows(train) if bcfg.emcl_weight > 0 else []
     rank, world = rt.dist.rank, rt.dist.world_size
+    # frozen lower text blocks: their hidden states are computed once per text (shared by teachers
+    # whose frozen prefixes are identical); each step runs the LoRA blocks, pooling and head only
+    prefix_tables: dict = {}
+    encode_text = {m: PrefixFeatureCache(teachers[m].text_encoder, shared=prefix_tables) for m in mods}
 
     def image_emb(m: str, idx: list[int]) -> torch.Tensor:
         if frozen_trunk:
@@ -167,9 +178,9 @@ def run_bind(cfg: TrainConfig, zoo: dict[str, ModalityCLIP], train: dict[str, Mo
         for m in mods:
             idx = batchers[m].batch(step)[rank::world]
             images[m] = image_emb(m, idx)
-            texts[m] = teachers[m].encode_text([train[m].reports[i] for i in idx])
+            texts[m] = encode_text[m]([train[m].reports[i] for i in idx])
         shared = sampler.sample(step, bcfg.shared_batch_size)[rank::world]
-        shared_emb = {m: teachers[m].encode_text(shared) for m in mods}
+        shared_emb = {m: encode_text[m](shared) for m in mods}
         terms = objective(images=images, texts=texts, shared_texts=shared_emb,
                           logit_scale={m: teachers[m].scale() for m in mods},
                           weights=bal["weights"], lambda_align=bcfg.lambda_align)

@@ -279,6 +279,146 @@ def freeze_text_layers(text_encoder: nn.Module, n: int | None) -> int:
     return sum(p.numel() for p in frozen)
 
 
+def _first_trainable_block(layers: nn.ModuleList) -> int:
+    for i, block in enumerate(layers):
+        if any(p.requires_grad for p in block.parameters()):
+            return i
+    return len(layers)
+
+
+class _Passthrough(nn.Module):
+    """Stands in for a backbone's embedding module: returns ``inputs_embeds`` unchanged."""
+
+    def forward(self, *args, inputs_embeds=None, **kwargs):
+        return inputs_embeds
+
+
+def shared_prefix_blocks(encoders: list[nn.Module]) -> int:
+    """How many lowest transformer blocks (with the embeddings) are identical across the text
+    encoders' backbones (0 when the embeddings differ or there is no block stack)."""
+    stacks = [transformer_layers(e.backbone) if hasattr(e, "backbone") else None for e in encoders]
+    if not encoders or any(s is None for s in stacks):
+        return 0
+
+    def same(mods: list[nn.Module]) -> bool:
+        ref = list(mods[0].parameters())
+        return all(len(ref) == len(list(m.parameters())) and
+                   all(torch.equal(a, b) for a, b in zip(ref, m.parameters())) for m in mods[1:])
+
+    embs = [getattr(getattr(e.backbone, "base_model", e.backbone), "embeddings", None) for e in encoders]
+    if any(x is None for x in embs) or not same(embs):
+        return 0
+    n = 0
+    while n < min(len(s) for s in stacks) and same([s[n] for s in stacks]):
+        n += 1
+    return n
+
+
+class PrefixFeatureCache:
+    """Text embeddings of an encoder whose embeddings and lowest ``k`` blocks are frozen (LoRA or
+    fine-tuning on the top blocks only): the hidden states entering block ``k`` are computed once
+    per distinct text (eval mode, no grad) and each step runs only blocks ``k..`` + pooling + head.
+
+    The result equals the full forward in eval mode (dropout in the cached blocks is skipped in
+    training mode). Several encoders with identical frozen prefixes (one pretrained backbone, as in
+    the demo's teachers) share one table through ``shared`` (keyed by a fingerprint of the prefix).
+    With no frozen prefix it simply runs the full encoder.
+
+    Args:
+        text_encoder: A ``m3bind.encoders.text.TextEncoder`` (Hugging Face backbone, possibly peft-wrapped).
+        batch_size: Texts per forward when filling the cache.
+        shared: Optional dict of tables shared between caches.
+        blocks: Cache the states after this many blocks instead of up to the first trainable one
+            (for frozen encoders that share only their lowest blocks; see :func:`shared_prefix_blocks`).
+    """
+
+    def __init__(self, text_encoder: nn.Module, batch_size: int = 64, shared: dict | None = None,
+                 blocks: int | None = None):
+        self.enc, self.batch_size = text_encoder, batch_size
+        backbone = getattr(text_encoder, "backbone", None)
+        self.k = 0
+        if backbone is not None and hasattr(text_encoder, "tokenize"):
+            names = [(n, m) for n, m in backbone.named_modules()
+                     if isinstance(m, nn.ModuleList) and n.rsplit(".", 1)[-1] in ("layer", "layers", "blocks")]
+            if names:
+                self.layers_name, layers = max(names, key=lambda nm: len(nm[1]))
+                emb = [n for n, m in backbone.named_modules() if n.rsplit(".", 1)[-1] == "embeddings"]
+                frozen_emb = emb and not any(p.requires_grad for p in backbone.get_submodule(emb[0]).parameters())
+                if frozen_emb:
+                    self.emb_name = emb[0]
+                    self.k = _first_trainable_block(layers) if blocks is None else min(blocks, len(layers))
+        self.table: dict[str, torch.Tensor] = {}
+        if self.k > 0 and shared is not None:
+            key = self._fingerprint()
+            self.table = shared.setdefault(key, {})
+
+    def _fingerprint(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        backbone = self.enc.backbone
+        layers = backbone.get_submodule(self.layers_name)
+        mods = [backbone.get_submodule(self.emb_name)] + list(layers)[: self.k]
+        for mod in mods:
+            for p in mod.parameters():
+                h.update(p.detach().float().cpu().numpy().tobytes())
+        return f"{self.k}:{h.hexdigest()}"
+
+    def _device(self) -> torch.device:
+        return next(self.enc.parameters()).device
+
+    @torch.no_grad()
+    def _fill(self, texts: list[str]) -> None:
+        missing = sorted({t for t in texts if t not in self.table})
+        if not missing:
+            return
+        backbone = self.enc.backbone
+        was_training = backbone.training
+        backbone.eval()
+        dev = self._device()
+        for i in range(0, len(missing), self.batch_size):
+            chunk = missing[i:i + self.batch_size]
+            tok = {k: v.to(dev) for k, v in self.enc.tokenize(chunk).items()}
+            out = backbone(**tok, output_hidden_states=True)
+            h = out.hidden_states[self.k].float()
+            lengths = tok["attention_mask"].sum(1).tolist()
+            for t, hi, n in zip(chunk, h, lengths):
+                self.table[t] = hi[: int(n)].clone()
+        backbone.train(was_training)
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        """L2-normalised embeddings ``[B, D]`` of ``texts`` (gradients reach blocks ``k..`` and the head)."""
+        if self.k == 0:
+            tok = {k: v.to(self._device()) for k, v in self.enc.tokenize(texts).items()}
+            return torch.nn.functional.normalize(self.enc(**tok).float(), dim=-1)
+        from m3bind.encoders.text import pool
+
+        self._fill(texts)
+        dev = self._device()
+        seqs = [self.table[t] for t in texts]
+        n = max(len(s) for s in seqs)
+        h = torch.zeros(len(seqs), n, seqs[0].shape[-1], device=dev)
+        mask = torch.zeros(len(seqs), n, dtype=torch.long, device=dev)
+        for i, s in enumerate(seqs):
+            h[i, : len(s)] = s
+            mask[i, : len(s)] = 1
+        backbone = self.enc.backbone
+        parent_l, _, attr_l = self.layers_name.rpartition(".")
+        parent_e, _, attr_e = self.emb_name.rpartition(".")
+        lparent = backbone.get_submodule(parent_l) if parent_l else backbone
+        eparent = backbone.get_submodule(parent_e) if parent_e else backbone
+        layers, emb = getattr(lparent, attr_l), getattr(eparent, attr_e)
+        try:  # run the top blocks only: the embeddings pass the cached states through
+            setattr(lparent, attr_l, nn.ModuleList(list(layers)[self.k:]))
+            setattr(eparent, attr_e, _Passthrough())
+            out = backbone(inputs_embeds=h, attention_mask=mask)
+        finally:
+            setattr(lparent, attr_l, layers)
+            setattr(eparent, attr_e, emb)
+        feats = pool(out.last_hidden_state, mask, self.enc.pooling, getattr(out, "pooler_output", None))
+        return torch.nn.functional.normalize(self.enc.head(feats).float(), dim=-1)
+
+
 class TextFeatureCache:
     """Text embeddings of an encoder whose backbone is frozen: the pooled backbone features of
     each distinct text are computed once (eval mode, no grad) and only the projection head runs

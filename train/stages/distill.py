@@ -21,7 +21,15 @@ from train.config import TrainConfig
 from train.data import ModalityData, SharedTextSampler, StepBatcher, take
 from train.losses import OBJECTIVES
 from train.stages.bind import balancing_terms, head_embeddings, trunk_features
-from train.stages.common import MetricsLog, Runtime, TextFeatureCache, freeze_text_layers, train_loop
+from train.stages.common import (
+    MetricsLog,
+    PrefixFeatureCache,
+    Runtime,
+    TextFeatureCache,
+    freeze_text_layers,
+    shared_prefix_blocks,
+    train_loop,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +37,17 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def _text_table(teachers: dict[str, ModalityCLIP], texts: list[str], rt: Runtime, batch_size: int = 128
                 ) -> dict[str, torch.Tensor]:
-    out = {}
+    # teachers whose lower text blocks are identical and frozen (one pretrained backbone with LoRA
+    # on the top blocks) share the hidden states of those blocks: computed once, not per teacher
+    out, tables = {}, {}
+    blocks = shared_prefix_blocks([t.text_encoder for t in teachers.values()])
     for m, t in teachers.items():
         t.to(rt.device).eval()
+        encode = PrefixFeatureCache(t.text_encoder, batch_size=batch_size, shared=tables, blocks=blocks)
         parts = []
         for i in range(0, len(texts), batch_size):
             with rt.autocast():
-                parts.append(t.encode_text(texts[i:i + batch_size]).float().cpu())
+                parts.append(encode(texts[i:i + batch_size]).float().cpu())
         out[m] = torch.cat(parts)
     return out
 

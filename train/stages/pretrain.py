@@ -83,6 +83,25 @@ def augment_batch(x: torch.Tensor, modality: str, shift: float, noise: float, se
     return out
 
 
+def prompt_captions(texts: list[str], labels: list[str], modality: str, prob: float, seed: int) -> list[str]:
+    """Captions of one batch: each item's report, or with probability ``prob`` a disease prompt built
+    from its annotated label with one of the modality's zero-shot templates (MMCLIP's prompts for
+    image-only data). At most one prompt per label per batch, so that the batch's texts stay
+    distinct (no false negatives in the CLIP loss). Deterministic in ``seed``."""
+    if prob <= 0:
+        return list(texts)
+    spec = get_spec(modality)
+    g = torch.Generator().manual_seed(seed)
+    out, used = list(texts), set()
+    for i, label in enumerate(labels):
+        draw = float(torch.rand(1, generator=g))
+        j = int(torch.randint(len(spec.templates), (1,), generator=g))
+        if label in spec.labels and label not in used and draw < prob:
+            out[i] = spec.templates[j].format(label)
+            used.add(label)
+    return out
+
+
 def build_teacher(modality: str, tcfg: TeacherConfig, dim: int, preprocess: dict[str, Any], seed: int) -> ModalityCLIP:
     """A fresh teacher for ``modality`` (random init, deterministic in ``seed``)."""
     mcfg = ModelTeacherConfig(modality=modality, image=tcfg.image or default_image_encoder(modality),
@@ -119,7 +138,8 @@ def pretrain_teacher(modality: str, teacher: ModalityCLIP, data: ModalityData, t
         x = augment_batch(take(data.x, idx), modality, tcfg.augment_shift, tcfg.augment_noise,
                           rt.seed(f"augment_{name}", step))
         img = encode_images(teacher.image_encoder, modality, x, rt)
-        txt = encode_text([data.reports[i] for i in idx])
+        txt = encode_text(prompt_captions([data.reports[i] for i in idx], [data.labels[i] for i in idx],
+                                          modality, tcfg.prompt_caption_prob, rt.seed(f"captions_{name}", step)))
         return clip(img, txt, teacher.scale())
 
     return train_loop(name, rt, {"teacher": teacher}, optimizer, tcfg.steps, tcfg.warmup_steps,
@@ -137,6 +157,9 @@ def run_pretrain(cfg: TrainConfig, train: dict[str, ModalityData], params: dict[
     Returns:
         ``(teachers, summary)`` — summary per modality (``source``, steps, last losses).
     """
+    from train import options  # MEDBind / SeLIP / MMCLIP options (off unless the config sets them)
+
+    image_only = options.withhold_reports(train, cfg)
     teachers, summary = {}, {}
     for i, m in enumerate(cfg.data.modalities):
         tcfg = cfg.teacher(m)
@@ -146,7 +169,12 @@ def run_pretrain(cfg: TrainConfig, train: dict[str, ModalityData], params: dict[
             log.info("teacher %s: loaded (%s)", m, tcfg.source.format)
             continue
         teacher = build_teacher(m, tcfg, cfg.dim, params[m], rt.seed("init", i))
-        summary[m] = {"source": "pretrained in stage 0",
-                      **pretrain_teacher(m, teacher, train[m], tcfg, rt, metrics)}
+        if cfg.stage0_objective(m) != "clip" or cfg.uses_mmclip(m):
+            s0 = options.pretrain_teacher_with_options(cfg, m, teacher, train[m], image_only.get(m),
+                                                       params[m], rt, metrics)
+        else:
+            s0 = pretrain_teacher(m, teacher, train[m], tcfg, rt, metrics)
+        summary[m] = {"source": "pretrained in stage 0", **s0,
+                      "prompt_caption_prob": tcfg.prompt_caption_prob}
         teachers[m] = teacher.cpu()
     return teachers, summary

@@ -1,0 +1,109 @@
+"""The options comparison runner (train.compare) and its report section (train.report)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import yaml
+
+from train.compare import (
+    BASE_CONFIG,
+    COMPARISONS,
+    EXPERIMENTS,
+    METRICS,
+    attach,
+    deep_merge,
+    mean_std,
+    run_config,
+    summarize,
+    validate,
+    write_summary,
+)
+
+
+def test_deep_merge_merges_mappings_and_replaces_the_rest():
+    base = {"a": {"b": 1, "c": [1, 2]}, "d": 3}
+    out = deep_merge(base, {"a": {"c": [9], "e": 5}, "f": {"g": 1}})
+    assert out == {"a": {"b": 1, "c": [9], "e": 5}, "d": 3, "f": {"g": 1}}
+    assert base == {"a": {"b": 1, "c": [1, 2]}, "d": 3}  # untouched
+
+
+@pytest.mark.parametrize("exp,arm", [(e, a) for e, x in EXPERIMENTS.items() for a in x.arms])
+def test_every_arm_is_a_valid_config(exp, arm, tmp_path):
+    base = yaml.safe_load(BASE_CONFIG.read_text())
+    cfg = run_config(base, exp, arm, 2, tmp_path)
+    validate(cfg)
+    assert cfg["data"]["modalities"] == EXPERIMENTS[exp].modalities
+    assert set(cfg["teachers"]) == set(EXPERIMENTS[exp].modalities)
+    assert cfg["runtime"]["seed"] == cfg["data"]["generate_seed"] == 2
+    assert cfg["data"]["cohort"] == str(tmp_path / "cohort_s2")
+    # the arms of one experiment differ only in their option (and name)
+    plain = run_config(base, exp, next(iter(EXPERIMENTS[exp].arms)), 2, tmp_path)
+    diff = {k for k in set(cfg) | set(plain) if cfg.get(k) != plain.get(k)} - {"name"}
+    assert diff <= set(EXPERIMENTS[exp].arms[arm])
+
+
+def test_emcl_arm_has_a_paired_subset_and_steps_scale(tmp_path):
+    base = yaml.safe_load(BASE_CONFIG.read_text())
+    cfg = run_config(base, "cxr_ecg", "emcl", 0, tmp_path, steps_scale=0.1)
+    assert cfg["bind"]["emcl_weight"] > 0 and cfg["data"]["generate_kwargs"]["paired_fraction"] > 0
+    assert cfg["teachers"]["cxr"]["steps"] == 8 and cfg["bind"]["steps"] == 4
+    io = run_config(base, "cxr_vit", "mmclip_image_only", 0, tmp_path)
+    none = run_config(base, "cxr_vit", "mmclip", 0, tmp_path)
+    assert io["mmclip"]["image_only"] and not none["mmclip"]["image_only"]
+    assert io["data"]["image_only_fraction"] == none["data"]["image_only_fraction"] > 0
+
+
+def test_mean_std_is_the_sample_std():
+    assert mean_std([1.0, 2.0, 4.0]) == pytest.approx((statistics.mean([1, 2, 4]), statistics.stdev([1, 2, 4])))
+    assert mean_std([3.0]) == (3.0, 0.0)
+
+
+def _fake_run(path, value, mim=None):
+    path.mkdir(parents=True)
+    metrics = {"bound": {"cxr->ecg": {"cross_modal": {"precision@10": value}}}}
+    (path / "report.json").write_text(json.dumps({"metrics": metrics}))
+    summary = {"pretrain": {"cxr": {"mmclip": {"heldout_mim_loss": mim}}}} if mim is not None else {}
+    (path / "train_summary.json").write_text(json.dumps(summary))
+
+
+def test_summarize_and_render(tmp_path):
+    from train.report import render_comparison, render_markdown
+
+    for s, (plain, emcl) in enumerate([(0.30, 0.40), (0.35, 0.33), (0.25, 0.45)]):
+        _fake_run(tmp_path / "cxr_ecg" / "plain" / f"s{s}", plain)
+        _fake_run(tmp_path / "cxr_ecg" / "emcl" / f"s{s}", emcl)
+    _fake_run(tmp_path / "cxr_vit" / "mmclip" / "s0", 0.0, mim=0.5)
+    comp = summarize(tmp_path, [0, 1, 2])
+    assert comp["simulated"] and len(comp["comparisons"]) == len(COMPARISONS)
+    emcl = next(c for c in comp["comparisons"] if c["option"] == "emcl")
+    row = next(r for r in emcl["rows"] if r["metric"].startswith("cxr->ecg cross-modal P@10"))
+    assert row["plain"]["mean"] == pytest.approx(0.30) and row["plain"]["std"] == pytest.approx(0.05)
+    assert row["emcl"]["mean"] == pytest.approx(statistics.mean([0.40, 0.33, 0.45]))
+    assert row["delta"]["mean"] == pytest.approx(statistics.mean([0.10, -0.02, 0.20]))
+    assert row["delta"]["std"] == pytest.approx(statistics.stdev([0.10, -0.02, 0.20]))
+    assert (row["delta"]["wins"], row["delta"]["losses"], row["delta"]["n"]) == (2, 1, 3)
+    assert len(emcl["rows"]) == 1  # metrics absent from every run are left out
+    io = next(c for c in comp["comparisons"] if c["option"] == "mmclip_image_only")
+    mim = io["rows"][0]
+    assert mim["mmclip"]["n"] == 1 and mim["mmclip_image_only"]["n"] == 0 and mim["delta"]["n"] == 0
+    md = render_comparison(comp)
+    assert "simulated" in md and "0.300 ± 0.050" in md and "2/3" in md
+    assert all(f"### {c[0]}" in md for c in COMPARISONS)
+    # written and attached to a run's report
+    write_summary(tmp_path, [0, 1, 2])
+    assert json.loads((tmp_path / "comparison.json").read_text())["seeds"] == [0, 1, 2]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps({"simulated": True, "metrics": {}}))
+    attach(run, comp)
+    assert "Options against the plain run" in (run / "report.md").read_text()
+    assert render_markdown({"metrics": {}}).count("Options against") == 0
+
+
+def test_metrics_name_known_experiments():
+    assert set(METRICS) == set(EXPERIMENTS)
+    for _, exp, arm, ref in COMPARISONS:
+        assert {arm, ref} <= set(EXPERIMENTS[exp].arms)

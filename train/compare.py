@@ -1,0 +1,309 @@
+"""Each training option against the plain run, over several seeds, on a small simulated set-up.
+
+``python -m train.compare --out runs/compare --seeds 0 1 2`` runs every *arm* of every
+*experiment* (:data:`EXPERIMENTS`) once per seed — ``python train/run_all.py`` in a subprocess on
+``train/configs/compare_small.yaml`` with the experiment's modalities and the arm's option
+merged in — into ``<out>/<experiment>/<arm>/s<seed>/``. One simulated cohort per seed
+(``paired_fraction`` > 0 for EMCL) and one preprocessing cache per seed are shared by every
+run of that seed; a finished run (its ``report.json`` exists) is not run again.
+
+Then :func:`summarize` reads each run's ``report.json`` / ``train_summary.json``, takes the
+metrics of :data:`COMPARISONS` and writes ``<out>/comparison.json`` (per metric and arm: the
+values per seed, mean, sample std) and ``<out>/comparison.md`` (the table of
+``train.report.render_comparison``). ``train.report.render_markdown`` appends that table to a
+run's report.md when the report dict holds it under ``options_comparison``.
+
+Every number is measured on the simulated cohort (simulated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_CONFIG = ROOT / "train" / "configs" / "compare_small.yaml"
+
+#: MMCLIP on a tiny ViT (32 px, 8 px patches, 16 patches): the trunk of the cxr_vit experiment.
+VIT_CXR = {"image": {"arch": "timm", "name": "vit_tiny_patch16_224", "in_chans": 1,
+                     "params": {"img_size": 32, "patch_size": 8, "depth": 1}}, "steps": 60}
+MMCLIP = {"modalities": ["cxr"], "patch_size": 8, "decoder_dim": 64, "decoder_depth": 1,
+          "text_decoder_dim": 64, "text_decoder_depth": 1, "warmup_steps": 15, "heldout_items": 80}
+#: Single-modality experiments stop after stage 0 (binding one modality aligns nothing).
+STAGE0_ONLY = {"stages": ["pretrain", "evaluate"]}
+
+
+@dataclass
+class Experiment:
+    """One set-up (modalities, shared overrides) and its arms (option overrides)."""
+
+    modalities: list[str]
+    arms: dict[str, dict[str, Any]]
+    base: dict[str, Any] = field(default_factory=dict)
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "cxr_ecg": Experiment(["cxr", "ecg"], {
+        "plain": {},
+        "medbind": {"medbind": {"modalities": ["cxr", "ecg"], "text_loss": "tmcl"}},
+        "emcl": {"bind": {"emcl_weight": 1.0}},
+    }),
+    "cxr_vit": Experiment(["cxr"], {
+        "plain": {},
+        "mmclip": {"mmclip": {**MMCLIP, "image_only": False}},
+        "mmclip_image_only": {"mmclip": {**MMCLIP, "image_only": True}},
+    }, base={**STAGE0_ONLY, "teachers": {"cxr": VIT_CXR}, "data": {"image_only_fraction": 0.5}}),
+    # the same with 80% of the reports withheld: few pairs, many image-only items (MMCLIP's regime)
+    "cxr_vit_scarce": Experiment(["cxr"], {
+        "mmclip": {"mmclip": {**MMCLIP, "image_only": False}},
+        "mmclip_image_only": {"mmclip": {**MMCLIP, "image_only": True}},
+    }, base={**STAGE0_ONLY, "teachers": {"cxr": VIT_CXR}, "data": {"image_only_fraction": 0.8}}),
+    "mri": Experiment(["mri"], {
+        "plain": {},
+        "selip": {"selip": {"modalities": ["mri"], "alpha": 1.0, "beta": 1.0}},
+    }, base=STAGE0_ONLY),
+}
+
+#: Metrics per experiment: (label, where) with where = ("report", stage, key, task, metric)
+#: or ("summary", "pretrain", modality, "mmclip", field).
+METRICS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
+    "cxr_ecg": [
+        ("cxr->ecg cross-modal P@10 (bound)", ("report", "bound", "cxr->ecg", "cross_modal", "precision@10")),
+        ("ecg->cxr cross-modal P@10 (bound)", ("report", "bound", "ecg->cxr", "cross_modal", "precision@10")),
+        ("cxr->ecg patient R@10 (bound)", ("report", "bound", "cxr->ecg", "cross_modal", "patient_R@10")),
+        ("cxr->ecg cross-modal zero-shot acc (bound)",
+         ("report", "bound", "cxr->ecg", "cross_modal_zeroshot", "accuracy")),
+        ("cxr zero-shot AUC (zoo)", ("report", "zoo", "cxr", "zeroshot", "auc")),
+        ("ecg zero-shot AUC (zoo)", ("report", "zoo", "ecg", "zeroshot", "auc")),
+        ("cxr zero-shot AUC (bound)", ("report", "bound", "cxr", "zeroshot", "auc")),
+        ("ecg zero-shot AUC (bound)", ("report", "bound", "ecg", "zeroshot", "auc")),
+        ("cxr R@5 (bound)", ("report", "bound", "cxr", "retrieval", "R@5")),
+        ("ecg R@5 (bound)", ("report", "bound", "ecg", "retrieval", "R@5")),
+    ],
+    "cxr_vit": [
+        ("cxr held-out MIM loss (lower is better)", ("summary", "pretrain", "cxr", "mmclip", "heldout_mim_loss")),
+        ("cxr zero-shot accuracy (zoo)", ("report", "zoo", "cxr", "zeroshot", "accuracy")),
+        ("cxr zero-shot AUC (zoo)", ("report", "zoo", "cxr", "zeroshot", "auc")),
+        ("cxr R@5 (zoo)", ("report", "zoo", "cxr", "retrieval", "R@5")),
+        ("cxr R@1 (zoo)", ("report", "zoo", "cxr", "retrieval", "R@1")),
+    ],
+    "mri": [
+        ("mri zero-shot accuracy (zoo)", ("report", "zoo", "mri", "zeroshot", "accuracy")),
+        ("mri zero-shot AUC (zoo)", ("report", "zoo", "mri", "zeroshot", "auc")),
+        ("mri R@1 (zoo)", ("report", "zoo", "mri", "retrieval", "R@1")),
+        ("mri R@5 (zoo)", ("report", "zoo", "mri", "retrieval", "R@5")),
+        ("mri R@10 (zoo)", ("report", "zoo", "mri", "retrieval", "R@10")),
+    ],
+}
+
+METRICS["cxr_vit_scarce"] = METRICS["cxr_vit"]
+
+#: (comparison name, experiment, option arm, reference arm).
+COMPARISONS: list[tuple[str, str, str, str]] = [
+    ("MEDBind TMCL vs plain CLIP (stage 0)", "cxr_ecg", "medbind", "plain"),
+    ("EMCL on the paired CXR-ECG subset vs none (stage 1)", "cxr_ecg", "emcl", "plain"),
+    ("MMCLIP AttMIM + EntMLM vs plain CLIP (stage 0, ViT)", "cxr_vit", "mmclip", "plain"),
+    ("MMCLIP image-only items vs none (50% of reports withheld)", "cxr_vit", "mmclip_image_only", "mmclip"),
+    ("MMCLIP image-only items vs none (80% of reports withheld)", "cxr_vit_scarce", "mmclip_image_only",
+     "mmclip"),
+    ("SeLIP soft targets vs plain CLIP (stage 0)", "mri", "selip", "plain"),
+]
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` merged in recursively (mappings merge, everything else replaces)."""
+    out = copy.deepcopy(dict(base))
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def run_config(base: Mapping[str, Any], experiment: str, arm: str, seed: int, out: Path,
+               steps_scale: float = 1.0) -> dict[str, Any]:
+    """The config dict of one run: the base, the experiment's modalities and overrides, the arm's
+    option, the seed's cohort/cache/seed; ``steps_scale`` scales every step count (smoke tests)."""
+    exp = EXPERIMENTS[experiment]
+    cfg = deep_merge(base, exp.base)
+    cfg = deep_merge(cfg, exp.arms[arm])
+    cfg["name"] = f"compare-{experiment}-{arm}-s{seed}"
+    data = cfg.setdefault("data", {})
+    data.update(modalities=list(exp.modalities), cohort=str(out / f"cohort_s{seed}"),
+                generate_seed=seed, cache_dir=str(out / f"cache_s{seed}"))
+    cfg["teachers"] = {m: t for m, t in cfg.get("teachers", {}).items() if m in exp.modalities}
+    cfg.setdefault("runtime", {})["seed"] = seed
+    if steps_scale != 1.0:
+        for t in cfg["teachers"].values():
+            for k in ("steps", "warmup_steps"):
+                if k in t:
+                    t[k] = max(1, round(t[k] * steps_scale))
+        for k in ("steps", "warmup_steps"):
+            if k in cfg.get("bind", {}):
+                cfg["bind"][k] = max(1, round(cfg["bind"][k] * steps_scale))
+        if cfg.get("mmclip"):
+            cfg["mmclip"]["warmup_steps"] = round(cfg["mmclip"]["warmup_steps"] * steps_scale)
+    return cfg
+
+
+def validate(cfg: Mapping[str, Any]) -> None:
+    """Raise when ``cfg`` does not load as a ``TrainConfig``."""
+    from m3bind.config import from_dict
+    from train.config import TrainConfig
+
+    from_dict(TrainConfig, copy.deepcopy(dict(cfg)), where=cfg.get("name", "config"))
+
+
+def run_one(cfg: Mapping[str, Any], run_dir: Path, nice: int = 10, timeout: float | None = None) -> float:
+    """Run ``train/run_all.py`` on ``cfg`` into ``run_dir`` (skipped when its report exists);
+    returns the wall seconds (0 when skipped)."""
+    if (run_dir / "report.json").is_file():
+        return 0.0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir / "compare_config.yaml"
+    cfg_path.write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg", "PYTHONPATH": str(ROOT)}
+    cmd = ["nice", "-n", str(nice), sys.executable, str(ROOT / "train" / "run_all.py"),
+           "--config", str(cfg_path), "--out", str(run_dir)]
+    t0 = time.time()
+    with (run_dir / "compare_log.txt").open("w") as logf:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT, timeout=timeout,
+                              check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"run failed ({proc.returncode}); see {run_dir / 'compare_log.txt'}")
+    return time.time() - t0
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _lookup(run_dir: Path, where: Sequence[str]) -> float | None:
+    kind, *keys = where
+    f = run_dir / ("report.json" if kind == "report" else "train_summary.json")
+    if not f.is_file():
+        return None
+    d: Any = json.loads(f.read_text())
+    if kind == "report":
+        d = d.get("metrics", {})
+    for k in keys:
+        if not isinstance(d, Mapping) or k not in d:
+            return None
+        d = d[k]
+    return float(d) if isinstance(d, (int, float)) and math.isfinite(float(d)) else None
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for a single value)."""
+    v = list(values)
+    if not v:
+        return math.nan, math.nan
+    m = sum(v) / len(v)
+    if len(v) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+
+
+def summarize(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
+    """The comparison dict (see module docstring) from the finished runs under ``out``."""
+    comparisons = []
+    for title, exp, arm, ref in COMPARISONS:
+        rows = []
+        for label, where in METRICS[exp]:
+            row: dict[str, Any] = {"metric": label}
+            for a in (ref, arm):
+                vals = {s: _lookup(out / exp / a / f"s{s}", where) for s in seeds}
+                got = [v for v in vals.values() if v is not None]
+                mean, std = mean_std(got)
+                row[a] = {"per_seed": vals, "n": len(got), "mean": mean, "std": std}
+            if row[ref]["n"] == 0 and row[arm]["n"] == 0:
+                continue
+            diffs = [row[arm]["per_seed"][s] - row[ref]["per_seed"][s] for s in seeds
+                     if row[arm]["per_seed"][s] is not None and row[ref]["per_seed"][s] is not None]
+            dm, ds = mean_std(diffs)
+            row["delta"] = {"mean": dm, "std": ds, "n": len(diffs),
+                            "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs)}
+            rows.append(row)
+        comparisons.append({"title": title, "experiment": exp, "option": arm, "reference": ref,
+                            "rows": rows})
+    return {"simulated": True, "seeds": list(seeds), "base_config": str(BASE_CONFIG.relative_to(ROOT)),
+            "experiments": {k: {"modalities": e.modalities, "arms": e.arms, "base": e.base}
+                            for k, e in EXPERIMENTS.items()},
+            "comparisons": comparisons}
+
+
+def write_summary(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
+    """:func:`summarize`, written to ``comparison.json`` and ``comparison.md`` under ``out``."""
+    from train.report import render_comparison
+
+    comp = summarize(out, seeds)
+    (out / "comparison.json").write_text(json.dumps(comp, indent=2, sort_keys=False))
+    (out / "comparison.md").write_text(render_comparison(comp))
+    return comp
+
+
+def attach(report_dir: Path, comparison: Mapping[str, Any]) -> None:
+    """Put ``comparison`` into ``report_dir/report.json`` (``options_comparison``) and re-render
+    ``report.md`` with it."""
+    from train.report import render_markdown
+
+    f = report_dir / "report.json"
+    report = json.loads(f.read_text())
+    report["options_comparison"] = dict(comparison)
+    f.write_text(json.dumps(report, indent=2))
+    (report_dir / "report.md").write_text(render_markdown(report))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: run the missing runs, then write the comparison."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
+    p.add_argument("--config", type=Path, default=BASE_CONFIG, help="base config (YAML)")
+    p.add_argument("--steps-scale", type=float, default=1.0, help="scale every step count (smoke runs)")
+    p.add_argument("--summary-only", action="store_true", help="only summarise finished runs")
+    p.add_argument("--attach", type=Path, nargs="*", default=[],
+                   help="run folders whose report.json/report.md get the comparison section")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    out = args.out.resolve()
+    base = yaml.safe_load(args.config.read_text())
+    if not args.summary_only:
+        for seed in args.seeds:  # seed-major: one cohort at a time
+            for exp in args.experiments:
+                for arm in EXPERIMENTS[exp].arms:
+                    cfg = run_config(base, exp, arm, seed, out, args.steps_scale)
+                    validate(cfg)
+                    secs = run_one(cfg, out / exp / arm / f"s{seed}")
+                    log.info("%s/%s seed %d: %s", exp, arm, seed, f"{secs:.0f} s" if secs else "done before")
+    comp = write_summary(out, args.seeds)
+    log.info("wrote %s and %s (%d comparisons)", out / "comparison.json", out / "comparison.md",
+             len(comp["comparisons"]))
+    for d in args.attach:
+        attach(d, comp)
+        log.info("comparison attached to %s", d / "report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
