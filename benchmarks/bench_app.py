@@ -94,13 +94,9 @@ def main() -> None:
     tmpdir = tempfile.TemporaryDirectory(prefix="m3bind-app-")
     work = args.work or Path(tmpdir.name)
     work.mkdir(parents=True, exist_ok=True)
-    model_dir = args.model
-    if model_dir is None:
-        from m3bind.testing import build_tiny_model
+    from app.web.testing import tiny_model_dir
 
-        model_dir = work / "model"
-        if not (model_dir / "config.json").exists():
-            build_tiny_model(model_dir)
+    model_dir = args.model or tiny_model_dir(work)
     archive = work / "archive"
     if not (archive / "manifest.csv").exists():
         generate(archive, patients=args.patients, seed=0, modalities=("cxr", "ecg"),

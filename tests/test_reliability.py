@@ -518,3 +518,37 @@ def test_dicom_ecg_without_samples_is_refused(sample_file, tmp_path):
     ds.save_as(p, enforce_file_format=False)
     with pytest.raises(CorruptFile, match="without samples"):
         m3bind.io.load(p)
+
+
+@pytest.mark.parametrize("name,value", [("Rows", [64, 64]), ("Columns", [64, 3]),
+                                        ("SamplesPerPixel", [3, 1]), ("NumberOfFrames", [2, 1])])
+def test_dicom_multivalued_or_nan_counts_are_handled(sample_file, tmp_path, name, value):
+    """Finding (harness 2, DICOM case 47577, seed rgb_rle, modality retina): flipped bytes made
+    an image attribute multi-valued and ``int()`` of it raised TypeError out of the reader. A
+    count attribute with several values is read by its first value; one that is no number is a
+    corrupt file. Either way the answer is a Sample or an M3BindError, never another exception."""
+    import pydicom
+
+    ds = pydicom.dcmread(sample_file("rgb_rle"))
+    setattr(ds, name, value)
+    p = tmp_path / f"bad_{name}.dcm"
+    ds.save_as(p, enforce_file_format=False)
+    try:
+        sample = m3bind.io.load(p, "retina")
+    except M3BindError:
+        pass
+    else:
+        assert sample.array.size > 0 and np.isfinite(sample.array).all()
+
+
+def test_dicom_count_attributes():
+    """``_count``: first value of a multi-valued count, the default when absent, and a corrupt
+    file for NaN, negative or fractional values."""
+    from m3bind.io.dicom import _count
+
+    assert _count({"Rows": [5, 6]}, "Rows", 0, "x") == 5
+    assert _count({}, "NumberOfFrames", 1, "x") == 1
+    assert _count({"Rows": 512}, "Rows", 0, "x") == 512
+    for bad in (float("nan"), -1, 2.5, float("inf")):
+        with pytest.raises(CorruptFile, match="not a count"):
+            _count({"Rows": bad}, "Rows", 0, "x")

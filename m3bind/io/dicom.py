@@ -184,6 +184,17 @@ def _first(v) -> float | None:
         return None
 
 
+def _count(ds, name: str, default: int, path) -> int:
+    """A non-negative whole-number attribute (``Rows``, ``NumberOfFrames``, ...): its first
+    value, ``default`` when absent, :class:`CorruptFile` when it is no count at all."""
+    v = _first(ds.get(name))
+    if v is None:
+        return default
+    if not np.isfinite(v) or v < 0 or v != int(v):
+        raise CorruptFile(f"DICOM {name} is not a count ({v})", path)
+    return int(v)
+
+
 def _window(ds) -> tuple[float, float] | None:
     c, w = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
     return (c, w) if c is not None and w is not None and w > 0 else None
@@ -191,9 +202,9 @@ def _window(ds) -> tuple[float, float] | None:
 
 def _decode(ds, path) -> np.ndarray:
     """Decode pixel data after checking its decoded size; codec failures become CorruptFile."""
-    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-    frames = int(_first(ds.get("NumberOfFrames")) or 1)
-    spp = int(ds.get("SamplesPerPixel") or 1)
+    rows, cols = _count(ds, "Rows", 0, path), _count(ds, "Columns", 0, path)
+    frames = _count(ds, "NumberOfFrames", 1, path) or 1
+    spp = _count(ds, "SamplesPerPixel", 1, path) or 1
     if rows <= 0 or cols <= 0:
         raise CorruptFile("DICOM image without Rows/Columns", path)
     check_pixels(rows * cols * frames * spp, path, "DICOM pixel data")
@@ -367,8 +378,8 @@ def _mri_sequence(ds) -> str | None:
 def _image_sample(ds, path, modality: str, keep_phi: bool) -> Sample:
     arr = _decode(ds, path)
     meta = _meta(ds, keep_phi)
-    frames = int(_first(ds.get("NumberOfFrames")) or 1)
-    spp = int(ds.get("SamplesPerPixel") or 1)
+    frames = _count(ds, "NumberOfFrames", 1, path) or 1
+    spp = _count(ds, "SamplesPerPixel", 1, path) or 1
     if modality == CXR:
         img = arr[0] if frames > 1 else arr
         if spp > 1:
