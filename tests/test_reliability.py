@@ -160,11 +160,12 @@ def test_nifti_unknown_units_code_still_reads(sample_file, tmp_path):
 
 
 # ------------------------------------------------------------------------------ slide findings
-def _small_tiled_tiff(path: Path, tile_length: int | None = None) -> Path:
+def _small_tiled_tiff(path: Path, tile_length: int | None = None, app_mag: str = "20",
+                      mpp: str = "0.5") -> Path:
     import tifffile
 
     rgb = np.random.default_rng(0).integers(0, 255, size=(256, 256, 3), dtype=np.uint8)
-    desc = "Aperio Image Library v10.0.50\r\n256x256 [0,0 256x256] (128x128) RAW|AppMag = 20|MPP = 0.5"
+    desc = f"Aperio Image Library v10.0.50\r\n256x256 [0,0 256x256] (128x128) RAW|AppMag = {app_mag}|MPP = {mpp}"
     tifffile.imwrite(path, rgb, tile=(128, 128), photometric="rgb", description=desc)
     if tile_length is not None:
         sys.path.insert(0, str(REPO))
@@ -190,6 +191,18 @@ def test_slide_with_huge_tile_is_refused_not_aborted(tmp_path):
                        check=False)
     assert r.returncode == 0, r.stderr[-500:]
     assert r.stdout.strip() in ("CorruptFile", "TooLarge", "UnsupportedFormat")
+
+
+@pytest.mark.parametrize("app_mag,mpp", [("inf", "0.5"), ("nan", "0.5"), ("inf", "5e-324"), ("1e400", "inf")])
+def test_slide_with_infinite_magnification_reads_or_is_refused(tmp_path, app_mag, mpp):
+    """Finding (harness 2, slide case 29217): ``AppMag = inf`` in the Aperio description made the
+    tile side at level 0 infinite and ``int()`` raised OverflowError out of the reader. A
+    magnification or mpp that is not a finite positive number is now ignored (then derived from
+    the mpp, or assumed), so the slide reads like one that states none."""
+    s = m3bind.io.load(_small_tiled_tiff(tmp_path / "mag.svs", app_mag=app_mag, mpp=mpp))
+    assert s.format == "wsi" and s.tiles is not None
+    power = s.meta.get("objective_power")
+    assert power is None or 0 < power < float("inf")
 
 
 def test_valid_small_slide_still_reads(tmp_path):

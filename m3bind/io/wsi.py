@@ -91,7 +91,7 @@ def _open(path: Path):
 def _float_prop(props, key: str) -> float | None:
     try:
         v = float(props.get(key))
-        return v if v > 0 else None
+        return v if 0 < v < float("inf") else None  # NaN fails both comparisons
     except (TypeError, ValueError):
         return None
 
@@ -105,7 +105,7 @@ def slide_info(slide) -> dict[str, Any]:
     mpp_y = _float_prop(props, openslide.PROPERTY_NAME_MPP_Y)
     power = _float_prop(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
     derived = False
-    if power is None and mpp_x:
+    if power is None and mpp_x and 10.0 / mpp_x < float("inf"):
         power, derived = round(10.0 / mpp_x, 1), True
     return {
         "vendor": props.get(openslide.PROPERTY_NAME_VENDOR),
