@@ -36,6 +36,8 @@ import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import write_results
+
 log = logging.getLogger("bench_app")
 RESULTS = Path(__file__).parent / "results"
 LABELS = "cardiomegaly, pleural effusion, pneumonia, no finding"
@@ -189,9 +191,7 @@ def main() -> None:
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
-    print(json.dumps(out, indent=2))
+    write_results(out, args.out)
     tmpdir.cleanup()
 
 

@@ -29,17 +29,20 @@ Writes ``benchmarks/results/bench_search.json`` (``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
 import resource
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from m3bind.index import EXACT_MAX, TARGET_RECALL, VectorIndex, choose_kind
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import write_results  # noqa: E402
+from m3bind.index import EXACT_MAX, TARGET_RECALL, VectorIndex, choose_kind  # noqa: E402
 
 log = logging.getLogger("bench_search")
 RESULTS = Path(__file__).parent / "results"
@@ -225,9 +228,7 @@ def main() -> None:
                     "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)},
         "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
-    print(json.dumps(out, indent=2))
+    write_results(out, args.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """App searches while an indexing run writes the same SQLite catalogue, for minutes; errors counted.
 
-An indexer process keeps indexing a growing archive (each round copies the next batch of
-simulated-cohort files in and re-indexes incrementally into the same catalogue) while
+An indexer process keeps indexing a changing archive (each round copies the next batch of
+simulated-cohort files in, or once all are in takes a batch out or puts it back, and
+re-indexes incrementally into the same catalogue) while
 search threads in this process call the app's ``/search`` payload function
 (:func:`app.web.api.search_json`, text and file queries, every modality) and
 ``Catalog.stats``. Every exception of a search is an error (an empty result is not, since
@@ -13,6 +14,7 @@ the catalogue starts empty). Writes ``benchmarks/results/concurrency.json``::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -33,8 +35,18 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 log = logging.getLogger("concurrency")
 
 
-def _indexer(source: str, archive: str, db: str, model: str, seconds: float, result: str) -> None:
-    """Copy the cohort into the archive batch by batch, re-indexing after each batch, until time is up."""
+def _is_query(rel: str, queries: list[str]) -> bool:
+    """Whether the archive file ``rel`` is (part of) an item the searches query by file."""
+    p = Path(rel)
+    return any(rel == q or rel.startswith(q + "/") or (p.parent == Path(q).parent and p.stem == Path(q).stem)
+               for q in queries)
+
+
+def _indexer(source: str, archive: str, db: str, model: str, seconds: float, result: str,
+             queries: list[str]) -> None:
+    """Copy the cohort into the archive batch by batch, re-indexing after each batch; once all
+    is in, take a batch of files out and put it back in turn (the searches' query files stay),
+    so that every round writes (new items, removed items, failures of half records)."""
     logging.disable(logging.WARNING)
     from data_registry.indexer import index_archive
 
@@ -43,13 +55,17 @@ def _indexer(source: str, archive: str, db: str, model: str, seconds: float, res
     rounds, errors, t0 = [], [], time.monotonic()
     r = 0
     while time.monotonic() - t0 < seconds:
-        for f in batches[r % len(batches)] if r < len(batches) else []:
-            dst = Path(archive) / f.relative_to(source)
+        churn = r >= len(batches)
+        for f in batches[(r - len(batches)) // 2 % len(batches) if churn else r]:
+            rel = f.relative_to(source)
+            dst = Path(archive) / rel
+            if churn and _is_query(rel.as_posix(), queries):
+                continue
+            if churn and (r - len(batches)) % 2 == 0:
+                dst.unlink(missing_ok=True)
+                continue
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, dst)
-        if r >= len(batches):  # everything copied: touch files so that rounds keep writing
-            for f in list(Path(archive).rglob("*.png"))[: 4]:
-                os.utime(f)
         try:
             res = index_archive(archive, db, model, workers=0, progress=False)
             rounds.append({"round": r, **res, "t": round(time.monotonic() - t0, 1)})
@@ -94,13 +110,14 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx = mp.get_context("spawn")
     result_file = work / "indexer.json"
+    queries = [r for r in rows if r["modality"] in MODALITIES][:12]
     proc = ctx.Process(target=_indexer, args=(str(source), str(archive), str(db), str(model), args.seconds,
-                                              str(result_file)))
+                                              str(result_file), [q["path"] for q in queries]))
     proc.start()
     services = Services(model, f"sqlite:///{db}", archive, work_dir=work / "app", index_workers=0)
-    queries = [r for r in rows if r["modality"] in MODALITIES][:12]
     counts, errors, lat = Counter(), [], []
-    stop = time.monotonic() + args.seconds
+    start = time.monotonic()
+    stop = start + args.seconds
     lock = threading.Lock()
 
     def searcher(k: int) -> None:
@@ -112,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
                 if i % 3 == 0:
                     q = queries[i % len(queries)]
                     src = archive / q["path"]
-                    if not src.exists():  # not copied in yet: query the cohort copy through the archive later
-                        i += 1
+                    if not src.exists():  # not copied in yet: this turn is skipped (the phase is kept)
+                        with lock:
+                            counts["file_not_yet_copied"] += 1
+                        i += args.threads
                         continue
                     out = search_json(services, str(src), "", target, 5)
                     kind = "file"
@@ -126,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 with lock:
                     counts[kind] += 1
                     counts["with_results" if out["results"] else "empty"] += 1
-                    lat.append(time.perf_counter() - t0)
+                    lat.append((time.perf_counter() - t0, kind, round(time.monotonic() - start, 1)))
             except Exception as e:  # noqa: BLE001 - counted
                 with lock:
                     counts["errors"] += 1
@@ -134,7 +153,18 @@ def main(argv: list[str] | None = None) -> int:
                                   f"@ {traceback.extract_tb(e.__traceback__)[-1].name}")
             i += args.threads
 
+    loads = [os.getloadavg()]
+    code = hashlib.sha256()
+    for f in sorted([*ROOT.glob("data_registry/*.py"), *ROOT.glob("app/web/*.py"), *ROOT.glob("m3bind/io/*.py")]):
+        code.update(f.read_bytes())
+
+    def sample_load() -> None:
+        while time.monotonic() < stop:
+            time.sleep(min(10.0, max(0.0, stop - time.monotonic())))
+            loads.append(os.getloadavg())
+
     threads = [threading.Thread(target=searcher, args=(k,)) for k in range(args.threads)]
+    threads.append(threading.Thread(target=sample_load, daemon=True))
     t0 = time.monotonic()
     for t in threads:
         t.start()
@@ -143,16 +173,24 @@ def main(argv: list[str] | None = None) -> int:
     proc.join(args.seconds + 600)
     indexer = json.loads(result_file.read_text()) if result_file.exists() else {"rounds": [], "errors": ["no result"]}
     final = Catalog(str(db)).stats()
-    lat.sort()
+    slowest = sorted(lat, reverse=True)[:8]
+    lat = sorted(x[0] for x in lat)
     out = {
         "seconds": round(time.monotonic() - t0, 1), "search_threads": args.threads,
         "searches": {k: v for k, v in counts.items() if k != "errors"}, "search_errors": counts.get("errors", 0),
         "search_error_examples": sorted(set(errors))[:10],
         "latency_s": {"median": lat[len(lat) // 2] if lat else None, "p95": lat[int(0.95 * len(lat))] if lat else None,
                       "max": lat[-1] if lat else None},
+        "slowest_calls": [{"seconds": round(d, 2), "kind": k, "at_s": t} for d, k, t in slowest],
         "indexer_rounds": len(indexer["rounds"]), "indexer_errors": indexer["errors"],
+        "indexer_writes": {k: sum(x[k] for x in indexer["rounds"]) for k in ("added", "removed", "failed")},
         "indexer_exitcode": proc.exitcode, "indexed": indexer["rounds"][-1] if indexer["rounds"] else None,
-        "final_catalogue": final, "machine": {"cores": os.cpu_count(), "loadavg_end": os.getloadavg()},
+        "final_catalogue": final,
+        "machine": {"cores": os.cpu_count(), "loadavg_start": loads[0], "loadavg_end": os.getloadavg(),
+                    "load1_min": min(x[0] for x in loads), "load1_max": max(x[0] for x in loads),
+                    "load1_mean": round(sum(x[0] for x in loads) / len(loads), 2), "load_samples": len(loads)},
+        "code_sha256": code.hexdigest()[:12],
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else argv,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1, default=str))

@@ -57,7 +57,7 @@ MODEL_DIRS = {"pretrain": "zoo_model", "bind": "bound_model", "distill": "model"
 
 #: Imported once by the fork server: the indexer and trainer, and what the readers and the index
 #: import lazily (a third of a 40 s indexing run under load was these imports, in every child).
-PRELOAD = ["data_registry.indexer", "train.run_all", "m3bind.io.dicom", "m3bind.io.nifti", "m3bind.io.photo",
+PRELOAD = ["data_registry.indexer", "data_registry.decode", "train.run_all", "m3bind.io.dicom", "m3bind.io.nifti", "m3bind.io.photo",
            "m3bind.io.wfdb_reader", "m3bind.io.wsi", "m3bind.index", "pydicom", "nibabel", "wfdb", "openslide",
            "skimage.filters", "faiss"]
 

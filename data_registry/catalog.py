@@ -29,7 +29,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -50,8 +50,10 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    insert,
     select,
     text,
+    update,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -451,6 +453,46 @@ class Catalog:
                 path.unlink(missing_ok=True)
         self._loaded_indices[key] = (_file_stamp(path), state, index)
         return index
+
+
+def chunks(seq: Sequence, n: int = 500) -> Iterator[Sequence]:
+    """``seq`` in pieces of at most ``n`` items (keeps ``IN (...)`` lists bounded)."""
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+def insert_returning(s: Session, table, rows: list[dict[str, Any]], *columns: str) -> list[tuple]:
+    """Insert ``rows`` into ``table`` with one executemany statement (batched
+    ``INSERT … RETURNING``) and return ``columns`` of the new rows, in the order of ``rows``.
+
+    Every row must name the same columns. Far cheaper than one ORM object per row: no unit of
+    work, no identity map, one round trip per few hundred rows.
+    """
+    if not rows:
+        return []
+    stmt = insert(table).returning(*(table.c[c] for c in columns), sort_by_parameter_order=True)
+    return [tuple(r) for r in s.execute(stmt, rows)]
+
+
+def put_failures(s, failures: list[tuple[str, str, int, float]], now: dt.datetime) -> None:
+    """Insert or update the failure rows ``(path, error, size, mtime)``, each logged: a
+    lookup per 500 paths, then one executemany INSERT and one UPDATE (not one row at a time)."""
+    if not failures:
+        return
+    have: dict[str, int] = {}
+    for part in chunks([f[0] for f in failures]):
+        have.update((p, i) for p, i in s.execute(
+            select(Failure.path, Failure.id).where(Failure.path.in_(part))))
+    rows = {rel: {"path": rel, "error": err, "size": size, "mtime": mtime, "failed_at": now}
+            for rel, err, size, mtime in failures}  # the last word on a path wins
+    upd = [{"id": have[rel], **row} for rel, row in rows.items() if rel in have]
+    if upd:
+        s.execute(update(Failure), upd)
+    new = [row for rel, row in rows.items() if rel not in have]
+    if new:
+        s.execute(insert(Failure.__table__), new)
+    for rel, err, _, _ in failures:
+        log.info("failed: %s: %s", rel, err)
 
 
 def _file_stamp(path: Path) -> tuple:

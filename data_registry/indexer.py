@@ -6,12 +6,14 @@ The run, for one archive root and one model:
    WFDB records, MRI study folders) and failures (symlink loops, special files ...).
 2. Items whose path, size, mtime (a fingerprint of the member files) match the catalogue and
    that have an embedding under this model are skipped; so are unchanged failures.
-3. The rest are hashed in worker processes; an item whose content hash is unchanged only has
-   its fingerprint refreshed; identical content already indexed under another path is recorded
+3. The rest are hashed in threads; an item whose content hash is unchanged only has its
+   fingerprint refreshed; identical content already indexed under another path is recorded
    as a duplicate of it (no second embedding).
-4. The others are decoded in worker processes (``ProcessPoolExecutor`` with the ``spawn``
-   start method) with :func:`m3bind.io.load`, embedded in batches with ``model.embed`` and
-   committed one batch per transaction, with their patient/study/series links.
+4. The others are decoded (:mod:`data_registry.decode`, inline or in ``spawn`` worker
+   processes that import only the readers) with :func:`m3bind.io.load`, embedded in batches
+   with ``model.embed`` and committed one batch per transaction, with their
+   patient/study/series links. The rows are written with a few Core statements per batch
+   (batched ``INSERT … RETURNING``, executemany updates), not one ORM object per row.
 5. After each commit the FAISS index of each touched modality is updated (and written
    atomically now and then). The catalogue is the truth: an index whose (count, id sum)
    disagrees with it — after a kill between a commit and an index write — is rebuilt on open.
@@ -24,20 +26,16 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import datetime as dt
-import hashlib
-import importlib
-import json
 import logging
 import multiprocessing
 import os
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 
 from data_registry.catalog import (
     Catalog,
@@ -48,48 +46,31 @@ from data_registry.catalog import (
     Series,
     Study,
     ZeroShotLabel,
+    chunks,
+    insert_returning,
+    put_failures,
+)
+from data_registry.decode import (  # noqa: F401 - dicom_links, _dicom_meta_links: re-exported
+    DEFAULT_LOADER,
+    _dicom_meta_links,
+    content_hash,
+    decode_task,
+    dicom_links,
+    hash_task,
+    wfdb_links,
 )
 from data_registry.scan import Candidate, scan
-from m3bind.errors import M3BindError, UnsupportedFormat
+from m3bind.errors import M3BindError
 from m3bind.index import choose_kind
 from m3bind.modalities import MODALITIES
 
 log = logging.getLogger(__name__)
 
-#: The reader, as ``module:function`` so that spawned workers can import it.
-DEFAULT_LOADER = "m3bind.io:load"
 #: Seconds between FAISS writes during a run (the index is always written at the end).
 SAVE_EVERY_S = 10.0
 #: Fewer items than this to decode are decoded inline: starting spawn workers (each imports
 #: the readers) costs seconds, more than decoding a handful of files.
 POOL_MIN_ITEMS = 16
-_CHUNK = 1 << 20
-
-
-# ---------------------------------------------------------------------------------------------
-# worker side (top-level functions: picklable under spawn)
-# ---------------------------------------------------------------------------------------------
-def content_hash(root: str, kind: str, rel: str, members: list[str]) -> str:
-    """SHA-256 of an item's bytes. A file hashes its bytes alone; a multi-file item also its
-    member names relative to the item's folder, so copies elsewhere match."""
-    h = hashlib.sha256()
-    base = rel if kind in ("dicom_series", "mri_study") else os.path.dirname(rel)
-    for m in sorted(members):
-        if kind != "file":
-            h.update(os.path.relpath(m, base or ".").encode() + b"\0")
-        with open(os.path.join(root, m), "rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-        h.update(b"\1")
-    return h.hexdigest()
-
-
-def _hash_task(root: str, kind: str, rel: str,
-               members: list[str]) -> tuple[str, str | None, str | None]:
-    try:
-        return rel, content_hash(root, kind, rel, members), None
-    except OSError as e:
-        return rel, None, f"cannot read: {e.strerror or e}"
 
 
 def _parse_date(text: str | None) -> str | None:
@@ -103,140 +84,6 @@ def _parse_date(text: str | None) -> str | None:
         except ValueError:
             continue
     return None
-
-
-_COMMENT = re.compile(r"^\s*#?\s*([A-Za-z_ ]+?)\s*[:=]\s*(.+?)\s*$")
-_WFDB_KEYS = {"patient": "patient", "patient_id": "patient", "subject": "patient",
-              "study": "study", "study_id": "study", "study_date": "date", "date": "date",
-              "name": "name", "patient_name": "name", "birth_date": "birth_date",
-              "dob": "birth_date"}
-
-
-def wfdb_links(header_path: str) -> dict[str, str]:
-    """Study links from the ``key: value`` comment lines of a WFDB header."""
-    out: dict[str, str] = {}
-    with open(header_path, encoding="latin-1") as f:
-        for line in f:
-            if not line.lstrip().startswith("#"):
-                continue
-            m = _COMMENT.match(line)
-            if m:
-                key = _WFDB_KEYS.get(m.group(1).strip().lower().replace(" ", "_"))
-                if key and key not in out:
-                    out[key] = m.group(2)
-    return out
-
-
-def dicom_links(path: str) -> dict[str, str]:
-    """Patient/study/series identifiers and study date of a DICOM file's header."""
-    import pydicom
-
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    pairs = {"patient": "PatientID", "name": "PatientName", "birth_date": "PatientBirthDate",
-             "study": "StudyInstanceUID", "series": "SeriesInstanceUID", "date": "StudyDate"}
-    return {k: str(ds.get(tag)) for k, tag in pairs.items() if ds.get(tag) not in (None, "")}
-
-
-def _dicom_meta_links(meta: dict[str, Any]) -> dict[str, str]:
-    """The links of :func:`dicom_links` from a DICOM Sample's ``meta`` (read with ``keep_phi``)."""
-    phi = meta.get("phi") or {}
-    pairs = {"patient": phi.get("PatientID"), "name": phi.get("PatientName"),
-             "birth_date": phi.get("PatientBirthDate"), "study": meta.get("study_uid"),
-             "series": meta.get("series_uid"), "date": meta.get("study_date")}
-    return {k: str(v) for k, v in pairs.items() if v not in (None, "")}
-
-
-def _resolve(spec: str) -> Callable:
-    mod, _, fn = spec.partition(":")
-    return getattr(importlib.import_module(mod), fn)
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-
-
-#: Reader metadata keys never stored without the PHI opt-in (at any depth): identifiers,
-#: names, birth dates, free-text comments (WFDB comments carry the study links), UIDs.
-PHI_META = ("comment", "patient", "name", "birth", "address", "uid", "accession", "study_id")
-
-
-def _scrub(meta: Any, keep_phi: bool) -> Any:
-    """Reader metadata without PHI keys (recursively), unless ``keep_phi``."""
-    if keep_phi:
-        return meta
-    if isinstance(meta, dict):
-        return {k: _scrub(v, keep_phi) for k, v in meta.items()
-                if not any(w in str(k).lower() for w in PHI_META)
-                and str(k).lower() not in ("study", "series", "subject")}
-    if isinstance(meta, (list, tuple)):
-        return [_scrub(v, keep_phi) for v in meta]
-    return meta
-
-
-def _decode_task(root: str, cand: Candidate, default_modality: str | None,
-                 loader: str, keep_phi: bool = False) -> dict[str, Any]:
-    """Read one item: its Sample, study links (from the file, then the sidecar) and metadata."""
-    path = os.path.join(root, cand.rel)
-    try:
-        links: dict[str, str] = {}
-        fallback = cand.hints.get("modality") or default_modality
-        dicom = cand.kind == "dicom_series" or cand.members[0].lower().endswith(".dcm") or (
-            cand.kind == "file" and _looks_dicom(path))
-        if dicom and loader == DEFAULT_LOADER:
-            # one parse of the headers: the reader detects the modality itself and, asked to
-            # keep identifiers, hands back the links (dropped from the stored metadata below)
-            read = _resolve(loader)
-            try:
-                sample = read(path, None, keep_phi=True)
-            except UnsupportedFormat:  # a DICOM modality outside the six: the fallback's word
-                if not fallback:
-                    raise
-                sample = None
-            if fallback and (sample is None or sample.modality not in MODALITIES
-                             or sample.modality_guess):
-                sample = read(path, fallback, keep_phi=True)
-            links = _dicom_meta_links(sample.meta)
-        else:
-            if cand.kind == "wfdb":
-                links = wfdb_links(path)
-            elif dicom:
-                links = dicom_links(os.path.join(root, min(cand.members)))
-            sample = _resolve(loader)(path, _detect(path)[1] or fallback)
-        for k, v in cand.hints.items():
-            links.setdefault(k, v)
-        sample.meta.pop("phi", None)
-        if sample.modality not in MODALITIES:
-            return {"rel": cand.rel, "error": "cannot tell the modality (give --modality, a "
-                    "sidecar or a modality folder name)"}
-        meta = {"shape": list(sample.shape), "format": sample.format,
-                "spacing": sample.spacing, "sampling_rate": sample.sampling_rate,
-                "channel_names": sample.channel_names, "modality_guess": sample.modality_guess,
-                "reader": _scrub(dict(sample.meta), keep_phi)}
-        return {"rel": cand.rel, "sample": sample, "links": links, "meta": _jsonable(meta)}
-    except M3BindError as e:
-        return {"rel": cand.rel, "error": e.what}
-    except MemoryError:
-        return {"rel": cand.rel, "error": "out of memory while decoding"}
-    except Exception as e:  # noqa: BLE001 - junk must never crash the run
-        return {"rel": cand.rel, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
-
-
-def _detect(path: str) -> tuple[str, str | None]:
-    """:func:`m3bind.io.detect` (the package function, or its module's while the package is new)."""
-    from m3bind import io as m3io
-
-    fn = getattr(m3io, "detect", None)
-    if not callable(fn):
-        from m3bind.io.detect import detect as fn
-    return fn(path)
-
-
-def _looks_dicom(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,25 +188,26 @@ class _Run:
     # catalogue helpers --------------------------------------------------------------------------
     def _get_or_create(self, s, model, wanted: dict[str, dict]) -> dict[str, int]:
         """Ids of the rows of ``model`` keyed ``wanted`` (key -> fields), one query for all:
-        missing rows are created with their fields, existing ones get their empty fields filled."""
+        missing rows are inserted in one statement, existing ones get their empty fields filled."""
         if not wanted:
             return {}
-        rows = {r.key: r for r in s.scalars(select(model).where(model.key.in_(list(wanted))))}
-        for key, fields in wanted.items():
-            row = rows.get(key)
-            if row is None:
-                rows[key] = row = model(key=key, **fields)
-                s.add(row)
-            else:
-                for k, v in fields.items():
-                    if v is not None and getattr(row, k) in (None, ""):
-                        setattr(row, k, v)
-        s.flush()
-        return {key: rows[key].id for key in wanted}
+        t = model.__table__
+        names = sorted({n for f in wanted.values() for n in f})
+        ids: dict[str, int] = {}
+        for row in s.execute(select(t.c.id, t.c.key, *(t.c[n] for n in names))
+                             .where(t.c.key.in_(list(wanted)))):
+            ids[row.key] = row.id
+            fill = {n: v for n, v in wanted[row.key].items()
+                    if v is not None and getattr(row, n) in (None, "")}
+            if fill:  # rare: a later item knows what the first one lacked
+                s.execute(update(t).where(t.c.id == row.id).values(**fill))
+        new = [{"key": k, **{n: f.get(n) for n in names}} for k, f in wanted.items() if k not in ids]
+        ids.update({key: i for i, key in insert_returning(s, t, new, "id", "key")})
+        return {key: ids[key] for key in wanted}
 
     def _links(self, s, rows: list[tuple[dict[str, str], str, Any]]) -> list[tuple]:
         """``(patient_id, study_id, series_id)`` for each ``(links, modality, study date)``,
-        creating patients, then studies, then series (one query and one flush per table)."""
+        creating patients, then studies, then series (one query and one INSERT per table)."""
         keep = self.cat.keep_phi
         pkey = [self.cat.pseudonym(lk["patient"], "patient") if lk.get("patient") else None
                 for lk, _, _ in rows]
@@ -389,47 +237,26 @@ class _Run:
             {"study_id": sid.get(k), "modality": m} for (_, m, _), k in zip(rows, skey)]))
         return [(pid.get(p), sid.get(k), rid.get(r)) for p, k, r in zip(pkey, skey, rkey)]
 
-    def release_item(self, s, item: Item) -> list[tuple[int, str]]:
+    def release_item(self, s, item_id: int) -> list[tuple[int, str]]:
         """Detach an item's content before it changes or goes: promote a duplicate to hold its
         embeddings, else delete them. Returns removed ``(embedding id, modality)`` of this model."""
-        dups = list(s.scalars(select(Item).where(Item.duplicate_of_id == item.id).order_by(Item.id)))
+        dups = list(s.scalars(select(Item.id).where(Item.duplicate_of_id == item_id)
+                              .order_by(Item.id)))
         if dups:
             heir = dups[0]
-            heir.duplicate_of_id = None
-            for d in dups[1:]:
-                d.duplicate_of_id = heir.id
-            s.execute(update(Embedding).where(Embedding.item_id == item.id).values(item_id=heir.id))
-            s.execute(update(ZeroShotLabel).where(ZeroShotLabel.item_id == item.id)
-                      .values(item_id=heir.id))
-            s.flush()
+            s.execute(update(Item).where(Item.id == heir).values(duplicate_of_id=None))
+            if len(dups) > 1:
+                s.execute(update(Item).where(Item.id.in_(dups[1:])).values(duplicate_of_id=heir))
+            s.execute(update(Embedding).where(Embedding.item_id == item_id).values(item_id=heir))
+            s.execute(update(ZeroShotLabel).where(ZeroShotLabel.item_id == item_id)
+                      .values(item_id=heir))
             return []
         removed = [(eid, m) for eid, m in s.execute(
-            select(Embedding.id, Embedding.modality).where(Embedding.item_id == item.id,
+            select(Embedding.id, Embedding.modality).where(Embedding.item_id == item_id,
                                                            Embedding.model_key == self.model_key))]
-        s.execute(delete(ZeroShotLabel).where(ZeroShotLabel.item_id == item.id))
-        s.execute(delete(Embedding).where(Embedding.item_id == item.id))
+        s.execute(delete(ZeroShotLabel).where(ZeroShotLabel.item_id == item_id))
+        s.execute(delete(Embedding).where(Embedding.item_id == item_id))
         return removed
-
-    def _upsert_item(self, s, cand: Candidate, chash: str, item: Item | None | bool = True,
-                     **fields) -> Item:
-        """Insert or update the item row of ``cand`` (``item``: its row or None when already
-        looked up, True to look it up here) and clear its failure, unless looked up already."""
-        looked_up = item is not True
-        if not looked_up:
-            item = s.scalar(select(Item).where(Item.path == cand.rel))
-        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-        common = dict(kind=cand.kind, size=cand.size, mtime=cand.mtime,
-                      fingerprint=cand.fingerprint, content_hash=chash, indexed_at=now, **fields)
-        if item is None:
-            item = Item(path=cand.rel, **common)
-            s.add(item)
-        else:
-            for k, v in common.items():
-                setattr(item, k, v)
-        if not looked_up:
-            s.execute(delete(Failure).where(Failure.path == cand.rel))
-            s.flush()
-        return item
 
     # zero-shot -----------------------------------------------------------------------------------
     def _labels(self, modality: str) -> tuple[list[str], np.ndarray] | None:
@@ -464,10 +291,12 @@ class _Run:
                     errors.append((c, f"cannot embed: {type(e1).__name__}: {e1}"))
         added: dict[str, list[tuple[int, np.ndarray]]] = {}
         removed: list[tuple[int, str]] = []
+        now = _utcnow()
         with self.cat.session() as s:
-            # one query per table for the whole batch, one flush per step (not per item)
+            # Core statements, one per table and step for the whole batch (no ORM objects)
             rels = [c.rel for c, _, _, _ in ok]
-            old_rows = {i.path: i for i in s.scalars(select(Item).where(Item.path.in_(rels)))} \
+            old = {p: (i, h) for i, p, h in s.execute(
+                select(Item.id, Item.path, Item.content_hash).where(Item.path.in_(rels)))} \
                 if rels else {}
             if rels:
                 s.execute(delete(Failure).where(Failure.path.in_(rels)))
@@ -477,36 +306,42 @@ class _Run:
                 dates.append(dt.date.fromisoformat(iso) if iso else None)
             ids = self._links(s, [(r["links"], r["sample"].modality, d)
                                   for (_, _, r, _), d in zip(ok, dates)])
-            items = []
-            for (c, h, r, vec), d, (patient_id, study_id, series_id) in zip(ok, dates, ids):
+            rows = []
+            for (c, h, r, _), d, (patient_id, study_id, series_id) in zip(ok, dates, ids):
                 sample = r["sample"]
-                old = old_rows.get(c.rel)
-                if old is not None and old.content_hash != h:  # same content: keep other models'
-                    removed += self.release_item(s, old)
-                items.append(self._upsert_item(
-                    s, c, h, old, modality=sample.modality, format=sample.format, meta=r["meta"],
-                    study_date=d, patient_id=patient_id, study_id=study_id, series_id=series_id,
-                    duplicate_of_id=None))
-            s.flush()
-            embs = [Embedding(item_id=item.id, model_key=self.model_key,
-                              modality=r["sample"].modality, dim=int(vec.shape[0]),
-                              vector=np.ascontiguousarray(vec, np.float32).tobytes())
-                    for item, (_, _, r, vec) in zip(items, ok)]
-            s.add_all(embs)
-            s.flush()
-            for item, emb, (_, _, r, vec) in zip(items, embs, ok):
-                modality = r["sample"].modality
-                added.setdefault(modality, []).append((emb.id, vec))
-                if self.zeroshot and (lab := self._labels(modality)) is not None:
+                if c.rel in old and old[c.rel][1] != h:  # same content: keep other models'
+                    removed += self.release_item(s, old[c.rel][0])
+                rows.append(_item_row(c, h, now, modality=sample.modality, format=sample.format,
+                                      meta=r["meta"], study_date=d, patient_id=patient_id,
+                                      study_id=study_id, series_id=series_id,
+                                      duplicate_of_id=None))
+            item_ids = _put_items(s, rows, {p: v[0] for p, v in old.items()})
+            emb_rows = [{"item_id": iid, "model_key": self.model_key,
+                         "modality": r["sample"].modality, "dim": int(vec.shape[0]),
+                         "vector": np.ascontiguousarray(vec, np.float32).tobytes()}
+                        for iid, (_, _, r, vec) in zip(item_ids, ok)]
+            emb_ids = [i for (i,) in insert_returning(s, Embedding.__table__, emb_rows, "id")]
+            labels: list[dict] = []
+            for iid, eid, (_, _, r, vec) in zip(item_ids, emb_ids, ok):
+                added.setdefault(r["sample"].modality, []).append((eid, vec))
+            if self.zeroshot:
+                by_mod: dict[str, list[int]] = {}
+                for k, (_, _, r, _) in enumerate(ok):
+                    by_mod.setdefault(r["sample"].modality, []).append(k)
+                for modality, ks in by_mod.items():
+                    if (lab := self._labels(modality)) is None:
+                        continue
                     names, lvec = lab
-                    logits = float(getattr(self.model, "logit_scale", 100.0)) * (lvec @ vec)
-                    p = np.exp(logits - logits.max())
-                    p /= p.sum()
-                    s.add_all([ZeroShotLabel(item_id=item.id, model_key=self.model_key,
-                                             label=name, score=float(score))
-                               for name, score in zip(names, p)])
-            for c, err in errors:
-                self._record_failure(s, c.rel, err, c.size, c.mtime)
+                    scale = float(getattr(self.model, "logit_scale", 100.0))
+                    logits = scale * (np.stack([ok[k][3] for k in ks]) @ lvec.T)
+                    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+                    p /= p.sum(axis=1, keepdims=True)
+                    labels += [{"item_id": item_ids[k], "model_key": self.model_key,
+                                "label": name, "score": float(score)}
+                               for k, row in zip(ks, p) for name, score in zip(names, row)]
+            if labels:
+                s.execute(insert(ZeroShotLabel.__table__), labels)
+            put_failures(s, [(c.rel, err, c.size, c.mtime) for c, err in errors], now)
         self.drop_vectors(removed)
         for m, pairs in added.items():
             self.index(m).add(np.stack([v for _, v in pairs]), np.asarray([i for i, _ in pairs]))
@@ -516,29 +351,43 @@ class _Run:
         self.bar.update(len(batch))
         self.save_indices()
 
-    def _record_failure(self, s, rel: str, error: str, size: int = -1, mtime: float = -1.0) -> None:
-        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-        row = s.scalar(select(Failure).where(Failure.path == rel))
-        if row is None:
-            s.add(Failure(path=rel, error=error, size=size, mtime=mtime, failed_at=now))
-        else:
-            row.error, row.size, row.mtime, row.failed_at = error, size, mtime, now
-        log.info("failed: %s: %s", rel, error)
-
     def record_failures(self, failures: list[tuple[str, str, int, float]]) -> None:
+        """Record ``(path, error, size, mtime)`` failures; an indexed item at such a path (a
+        file that became unreadable) is forgotten."""
         if not failures:
             return
         removed: list[tuple[int, str]] = []
         with self.cat.session() as s:
-            for rel, err, size, mtime in failures:
-                old = s.scalar(select(Item).where(Item.path == rel))
-                if old is not None:  # an indexed file that became unreadable
-                    removed += self.release_item(s, old)
-                    s.delete(old)
-                self._record_failure(s, rel, err, size, mtime)
+            for part in chunks([f[0] for f in failures]):
+                for iid in list(s.scalars(select(Item.id).where(Item.path.in_(part)))):
+                    removed += self.release_item(s, iid)
+                    s.execute(delete(Item).where(Item.id == iid))
+            put_failures(s, failures, _utcnow())
         self.drop_vectors(removed)
         self.counts["failed"] += len(failures)
         self.bar.update(len(failures))
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def _put_items(s, rows: list[dict], old_ids: dict[str, int]) -> list[int]:
+    """Write item rows (``path`` and the other columns): one INSERT … RETURNING for the new
+    paths, one UPDATE by primary key for those in ``old_ids`` (path -> id). Ids in order."""
+    ids = {r["path"]: old_ids[r["path"]] for r in rows if r["path"] in old_ids}
+    upd = [{"id": ids[r["path"]], **r} for r in rows if r["path"] in ids]
+    if upd:
+        s.execute(update(Item), upd)
+    new = [r for r in rows if r["path"] not in ids]
+    ids.update({path: i for i, path in insert_returning(s, Item.__table__, new, "id", "path")})
+    return [ids[r["path"]] for r in rows]
+
+
+def _item_row(cand: Candidate, chash: str, now: dt.datetime, **fields) -> dict[str, Any]:
+    """The column values of ``cand``'s item row."""
+    return dict(path=cand.rel, kind=cand.kind, size=cand.size, mtime=cand.mtime,
+                fingerprint=cand.fingerprint, content_hash=chash, indexed_at=now, **fields)
 
 
 def _open_model(model):
@@ -610,7 +459,7 @@ def index_archive(root: str | os.PathLike, catalog: str | Catalog, model, *,
         hash_fail = []
         # hashlib releases the GIL on large buffers: threads hash in parallel without spawning
         with cf.ThreadPoolExecutor(max_workers=max(workers, 1)) as tp:
-            jobs = tp.map(lambda c: _hash_task(str(root), c.kind, c.rel, c.members), to_hash)
+            jobs = tp.map(lambda c: hash_task(str(root), c.kind, c.rel, c.members), to_hash)
             for rel, h, err in jobs:
                 if err:
                     c = by_rel[rel]
@@ -625,7 +474,7 @@ def index_archive(root: str | os.PathLike, catalog: str | Catalog, model, *,
         tasks = ((str(root), c, modality, loader, cat.keep_phi) for c in to_decode)
         pool = workers if len(to_decode) >= POOL_MIN_ITEMS else 0
         crashed = lambda a: {"rel": a[1].rel, "error": "reader process crashed"}
-        for r in _pool_map(_decode_task, tasks, pool, 4 * max(pool, 1), crashed):
+        for r in _pool_map(decode_task, tasks, pool, 4 * max(pool, 1), crashed):
             c = by_rel[r["rel"]]
             if "error" in r:
                 fails.append((c.rel, r["error"], c.size, c.mtime))
@@ -697,64 +546,86 @@ def _settle_hashed(run: _Run, cands: list[Candidate], hashes: dict[str, str],
 
     Same path and content: refresh the fingerprint (skipped). Content already indexed under
     another path: record a duplicate (skipped). Several new copies of one content: decode the
-    first, settle the rest after it is committed (``final``).
+    first, settle the rest after it is committed (``final``). One transaction, a few
+    statements per batch of paths (not per item).
     """
     to_decode: list[Candidate] = []
     deferred: list[Candidate] = []
     first_of: dict[str, str] = {}
-    removed: list[tuple[int, str]] = []
+    refresh: list[dict] = []
+    dups: list[tuple[Candidate, str, int]] = []
     failed: list[tuple[str, str, int, float]] = []
-    with run.cat.session() as s:
-        for c in cands:
-            h = hashes[c.rel]
-            state = known["items"].get(c.rel)
-            canon = known["canon"].get(h)
-            if state and state[2] == h and state[1]:
-                s.execute(update(Item).where(Item.path == c.rel).values(
-                    size=c.size, mtime=c.mtime, fingerprint=c.fingerprint))
-            elif canon is not None and (state is None or canon != state[3]):
-                old = s.scalar(select(Item).where(Item.path == c.rel))
-                if old is not None:
-                    removed += run.release_item(s, old)
-                    s.flush()
-                canon_item = s.get(Item, canon)
-                run._upsert_item(s, c, h, modality=canon_item.modality, format=canon_item.format,
-                                 meta=canon_item.meta, study_date=canon_item.study_date,
-                                 patient_id=canon_item.patient_id, study_id=canon_item.study_id,
-                                 series_id=canon_item.series_id, duplicate_of_id=canon)
-                run.counts["duplicates"] += 1
-            elif final:
-                failed.append((c.rel, "identical to an item that could not be indexed",
-                               c.size, c.mtime))
-                continue
-            elif h in first_of:
-                deferred.append(c)  # a second new copy: settled after the first is committed
-                continue
-            else:
-                first_of[h] = c.rel
-                to_decode.append(c)
-                continue
-            run.counts["skipped"] += 1
-            run.bar.update(1)
+    for c in cands:
+        h = hashes[c.rel]
+        state = known["items"].get(c.rel)
+        canon = known["canon"].get(h)
+        if state and state[2] == h and state[1]:
+            refresh.append({"id": state[3], "size": c.size, "mtime": c.mtime,
+                            "fingerprint": c.fingerprint})
+        elif canon is not None and (state is None or canon != state[3]):
+            dups.append((c, h, canon))
+            run.counts["duplicates"] += 1
+        elif final:
+            failed.append((c.rel, "identical to an item that could not be indexed",
+                           c.size, c.mtime))
+            continue
+        elif h in first_of:
+            deferred.append(c)  # a second new copy: settled after the first is committed
+            continue
+        else:
+            first_of[h] = c.rel
+            to_decode.append(c)
+            continue
+        run.counts["skipped"] += 1
+        run.bar.update(1)
+    removed: list[tuple[int, str]] = []
+    if refresh or dups:
+        with run.cat.session() as s:
+            if refresh:
+                s.execute(update(Item), refresh)
+            for part in chunks(dups):
+                removed += _write_duplicates(run, s, part)
     run.drop_vectors(removed)
     run.record_failures(failed)
     return to_decode, deferred
 
 
-def _remove_vanished(run: _Run, live: set[str] | None = None) -> None:
+def _write_duplicates(run: _Run, s, dups: list[tuple[Candidate, str, int]]) -> list[tuple[int, str]]:
+    """Item rows of ``(candidate, hash, canonical id)`` copies, with the canonical item's
+    fields; a path that held other content is released first. Returns removed vectors."""
+    rels = [c.rel for c, _, _ in dups]
+    old = dict(s.execute(select(Item.path, Item.id).where(Item.path.in_(rels))).tuples().all())
+    removed: list[tuple[int, str]] = []
+    for iid in old.values():
+        removed += run.release_item(s, iid)
+    cols = ("modality", "format", "meta", "study_date", "patient_id", "study_id", "series_id")
+    canon = {r.id: r for r in s.execute(
+        select(Item.id, *(getattr(Item, k) for k in cols))
+        .where(Item.id.in_(sorted({d[2] for d in dups}))))}
+    now = _utcnow()
+    rows = [_item_row(c, h, now, duplicate_of_id=cid, **{k: getattr(canon[cid], k) for k in cols})
+            for c, h, cid in dups]
+    _put_items(s, rows, old)
+    s.execute(delete(Failure).where(Failure.path.in_(rels)))
+    return removed
+
+
+def _remove_vanished(run: _Run, live: set[str]) -> None:
     """Forget items and failures whose files no longer exist under the root, and failures of
     paths this scan no longer offers as items of their own (``live``): a WFDB ``.dat`` that
-    arrived, and failed, before its ``.hea`` is a member of the record once the header is there."""
+    arrived, and failed, before its ``.hea`` is a member of the record once the header is there.
+    A path the scan just offered (``live``) is not looked up again."""
     removed: list[tuple[int, str]] = []
     with run.cat.session() as s:
-        for item in list(s.scalars(select(Item).order_by(Item.duplicate_of_id.is_(None)))):
-            if not os.path.lexists(run.root / item.path):
-                removed += run.release_item(s, item)
-                s.flush()
-                s.delete(item)
-                s.flush()
-                run.counts["removed"] += 1
-        for f in list(s.scalars(select(Failure))):
-            if not os.path.lexists(run.root / f.path) or (live is not None and f.path not in live):
-                s.delete(f)
+        gone = [iid for iid, path in s.execute(  # copies first: an original then has no heirs
+                select(Item.id, Item.path).order_by(Item.duplicate_of_id.is_(None)))
+                if path not in live and not os.path.lexists(run.root / path)]
+        for iid in gone:
+            removed += run.release_item(s, iid)
+            s.execute(delete(Item).where(Item.id == iid))
+            run.counts["removed"] += 1
+        stale = [fid for fid, path in s.execute(select(Failure.id, Failure.path))
+                 if path not in live]  # gone, or now a member of another item
+        for part in chunks(stale):
+            s.execute(delete(Failure).where(Failure.id.in_(part)))
     run.drop_vectors(removed)

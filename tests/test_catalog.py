@@ -19,8 +19,10 @@ from data_registry.catalog import (
     Failure,
     Item,
     Setting,
+    insert_returning,
     make_engine,
     normalize_url,
+    put_failures,
 )
 from m3bind.errors import ConfigError, M3BindError
 
@@ -131,3 +133,39 @@ def test_concurrent_first_opens_migrate_once_and_share_one_salt(tmp_path):
     assert errors == [] and len(set(salts)) == 1
     with Catalog(path).session() as s:
         assert len(s.scalars(select(Setting)).all()) == 2  # salt, keep_phi
+
+
+def test_insert_returning_gives_the_new_ids_in_row_order(url):
+    """Batched ``INSERT … RETURNING``: the ids handed back are those a SELECT finds for each
+    row, in the order of the rows (not sorted by anything else)."""
+    cat = Catalog(url)
+    now = dt.datetime(2024, 1, 1)
+    paths = [f"p{k:03d}.png" for k in (7, 3, 9, 1, 5)] + [f"q{k:03d}" for k in range(600)]
+    rows = [{"path": p, "kind": "file", "size": k, "mtime": 0.0, "fingerprint": "f",
+             "content_hash": f"h{k}", "meta": {"k": k}, "indexed_at": now}
+            for k, p in enumerate(paths)]
+    with cat.session() as s:
+        got = insert_returning(s, Item.__table__, rows, "id", "path")
+        assert insert_returning(s, Item.__table__, [], "id") == []
+    with cat.session() as s:
+        want = dict(s.execute(select(Item.path, Item.id)).tuples().all())
+        meta = dict(s.execute(select(Item.path, Item.meta)).tuples().all())
+    assert [p for _, p in got] == paths
+    assert [i for i, _ in got] == [want[p] for p in paths]
+    assert len(set(want.values())) == len(paths)
+    assert meta["p003.png"] == {"k": 1}
+
+
+def test_put_failures_inserts_then_updates_one_row_per_path(url):
+    cat = Catalog(url)
+    t0, t1 = dt.datetime(2024, 1, 1), dt.datetime(2024, 1, 2)
+    with cat.session() as s:
+        put_failures(s, [("a", "bad a", 1, 1.0), ("b", "bad b", 2, 2.0)], t0)
+    with cat.session() as s:  # "a" again (twice: the last word wins), "c" new
+        put_failures(s, [("a", "worse a", 3, 3.0), ("c", "bad c", 4, 4.0),
+                         ("a", "worst a", 5, 5.0)], t1)
+        put_failures(s, [], t1)
+    with cat.session() as s:
+        rows = {f.path: (f.error, f.size, f.mtime, f.failed_at) for f in s.scalars(select(Failure))}
+    assert rows == {"a": ("worst a", 5, 5.0, t1), "b": ("bad b", 2, 2.0, t0),
+                    "c": ("bad c", 4, 4.0, t1)}

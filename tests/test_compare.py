@@ -38,7 +38,8 @@ def test_every_arm_is_a_valid_config(exp, arm, tmp_path):
     assert cfg["data"]["modalities"] == EXPERIMENTS[exp].modalities
     assert set(cfg["teachers"]) == set(EXPERIMENTS[exp].modalities)
     assert cfg["runtime"]["seed"] == cfg["data"]["generate_seed"] == 2
-    assert cfg["data"]["cohort"] == str(tmp_path / "cohort_s2")
+    tag = f"_{EXPERIMENTS[exp].cohort}" if EXPERIMENTS[exp].cohort else ""
+    assert cfg["data"]["cohort"] == str(tmp_path / f"cohort_s2{tag}")
     # the arms of one experiment differ only in their option (and name)
     plain = run_config(base, exp, next(iter(EXPERIMENTS[exp].arms)), 2, tmp_path)
     diff = {k for k in set(cfg) | set(plain) if cfg.get(k) != plain.get(k)} - {"name"}
@@ -50,10 +51,23 @@ def test_emcl_arm_has_a_paired_subset_and_steps_scale(tmp_path):
     cfg = run_config(base, "cxr_ecg", "emcl", 0, tmp_path, steps_scale=0.1)
     assert cfg["bind"]["emcl_weight"] > 0 and cfg["data"]["generate_kwargs"]["paired_fraction"] > 0
     assert cfg["teachers"]["cxr"]["steps"] == 8 and cfg["bind"]["steps"] == 4
-    io = run_config(base, "cxr_vit", "mmclip_image_only", 0, tmp_path)
-    none = run_config(base, "cxr_vit", "mmclip", 0, tmp_path)
+
+
+def test_image_only_arms_differ_only_in_feeding_the_withheld_items(tmp_path):
+    base = yaml.safe_load(BASE_CONFIG.read_text())
+    io = run_config(base, "cxr_vit_image_only", "mmclip_image_only", 1, tmp_path)
+    none = run_config(base, "cxr_vit_image_only", "mmclip", 1, tmp_path)
     assert io["mmclip"]["image_only"] and not none["mmclip"]["image_only"]
     assert io["data"]["image_only_fraction"] == none["data"]["image_only_fraction"] > 0
+    # same steps, batch and masked warm-up; the held-out MIM loss on the same (all) test images
+    for k in ("steps", "batch_size", "warmup_steps"):
+        assert io["teachers"]["cxr"][k] == none["teachers"]["cxr"][k]
+    assert io["mmclip"]["warmup_steps"] == none["mmclip"]["warmup_steps"] > 0
+    assert io["mmclip"]["heldout_items"] == none["mmclip"]["heldout_items"] > 0
+    # its own cohort and cache (other generation settings than the shared one of the seed)
+    assert io["data"]["cohort"] == none["data"]["cohort"] == str(tmp_path / "cohort_s1_cxr1500")
+    assert io["data"]["cache_dir"] == str(tmp_path / "cache_s1_cxr1500")
+    assert run_config(base, "cxr_vit", "mmclip", 1, tmp_path)["data"]["cohort"] == str(tmp_path / "cohort_s1")
 
 
 def test_mean_std_is_the_sample_std():
@@ -75,7 +89,7 @@ def test_summarize_and_render(tmp_path):
     for s, (plain, emcl) in enumerate([(0.30, 0.40), (0.35, 0.33), (0.25, 0.45)]):
         _fake_run(tmp_path / "cxr_ecg" / "plain" / f"s{s}", plain)
         _fake_run(tmp_path / "cxr_ecg" / "emcl" / f"s{s}", emcl)
-    _fake_run(tmp_path / "cxr_vit" / "mmclip" / "s0", 0.0, mim=0.5)
+    _fake_run(tmp_path / "cxr_vit_image_only" / "mmclip" / "s0", 0.0, mim=0.5)
     comp = summarize(tmp_path, [0, 1, 2])
     assert comp["simulated"] and len(comp["comparisons"]) == len(COMPARISONS)
     emcl = next(c for c in comp["comparisons"] if c["option"] == "emcl")
@@ -107,3 +121,14 @@ def test_metrics_name_known_experiments():
     assert set(METRICS) == set(EXPERIMENTS)
     for _, exp, arm, ref in COMPARISONS:
         assert {arm, ref} <= set(EXPERIMENTS[exp].arms)
+
+
+def test_main_runs_only_the_named_arms(tmp_path, monkeypatch):
+    from train import compare
+
+    ran = []
+    monkeypatch.setattr(compare, "run_one", lambda cfg, run_dir, **kw: ran.append(run_dir) or 0.0)
+    assert compare.main(["--out", str(tmp_path), "--seeds", "0", "1", "--experiments", "cxr_vit_image_only",
+                         "--arms", "mmclip_image_only"]) == 0
+    assert ran == [tmp_path / "cxr_vit_image_only" / "mmclip_image_only" / f"s{s}" for s in (0, 1)]
+    assert (tmp_path / "comparison.md").is_file()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from archive_support import (
 )
 from sqlalchemy import func, select
 
-from data_registry.catalog import Catalog, Embedding, Failure, Item, Patient, Study
+from data_registry.catalog import Catalog, Embedding, Failure, Item, Patient, Study, ZeroShotLabel
 from data_registry.indexer import content_hash, index_archive, wfdb_links
 from data_registry.scan import folder_hint, scan
 
@@ -399,3 +400,57 @@ def test_links_from_the_readers_metadata_equal_the_header_links(tmp_path):
     assert want["patient"] == "PAT-3" and want["series"] == "3.3.1"
     assert _dicom_meta_links(load(folder, None, keep_phi=True).meta) == want
     assert _dicom_meta_links(load(first, None, keep_phi=True).meta) == want
+
+
+def test_zero_shot_scores_copies_over_indexed_paths_and_files_turned_junk(tmp_path):
+    """Stored zero-shot scores equal a softmax computed here, label by label, from the stored
+    vector; a path rewritten with another item's bytes becomes its duplicate (its own vector
+    goes); an indexed file turned junk loses its row, vector and labels to one failure row."""
+    from m3bind.modalities import get_spec
+    from m3bind.zeroshot import label_embeddings
+
+    root = _png_archive(tmp_path / "a", 4)
+    cat = Catalog(tmp_path / "z.db", index_dir=tmp_path / "idx")
+    model = FakeModel()
+    index_archive(root, cat, model, workers=0, batch_size=3, loader=FAKE)
+    labels = list(get_spec("cxr").labels)
+    lvec = np.asarray(label_embeddings(model, "cxr", labels), np.float64)
+    with cat.session() as s:
+        for iid, blob in s.execute(select(Embedding.item_id, Embedding.vector)):
+            v = np.frombuffer(blob, np.float32).astype(np.float64)
+            z = [model.logit_scale * float(row @ v) for row in lvec]
+            e = [math.exp(x - max(z)) for x in z]
+            got = dict(s.execute(select(ZeroShotLabel.label, ZeroShotLabel.score)
+                                 .where(ZeroShotLabel.item_id == iid)).tuples().all())
+            assert sorted(got) == sorted(labels)
+            for name, x in zip(labels, e):
+                assert got[name] == pytest.approx(x / sum(e), rel=1e-5, abs=1e-7)
+
+    (root / "cxr" / "001.png").write_bytes((root / "cxr" / "000.png").read_bytes())
+    r = index_archive(root, cat, model, workers=0, loader=FAKE)
+    assert (r["added"], r["duplicates"], r["failed"]) == (0, 1, 0)
+    with cat.session() as s:
+        a, b = (s.scalar(select(Item).where(Item.path == p)) for p in ("cxr/000.png", "cxr/001.png"))
+        assert b.duplicate_of_id == a.id and b.content_hash == a.content_hash
+        assert b.modality == a.modality and b.meta == a.meta
+    assert counts(cat)["embeddings"] == 3
+    faiss_consistent(cat, model.model_id)
+
+    (root / "cxr" / "002.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    r = index_archive(root, cat, model, workers=0, loader=FAKE)
+    assert (r["added"], r["failed"]) == (0, 1)
+    with cat.session() as s:
+        assert s.scalar(select(Item).where(Item.path == "cxr/002.png")) is None
+        assert s.scalar(select(func.count()).select_from(ZeroShotLabel)) == 2 * len(labels)
+        assert list(s.scalars(select(Failure.path))) == ["cxr/002.png"]
+    assert counts(cat)["embeddings"] == 2
+    faiss_consistent(cat, model.model_id)
+
+
+def test_decoder_workers_import_neither_sqlalchemy_nor_torch():
+    """A spawned decoder imports :mod:`data_registry.decode` only (its start-up cost)."""
+    code = ("import sys, data_registry.decode as d; assert d.decode_task; "
+            "print(sorted(m for m in ('sqlalchemy', 'torch', 'faiss') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=TESTS.parent)
+    assert out.stdout.strip() == "[]"

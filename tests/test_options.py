@@ -194,11 +194,146 @@ def test_masked_objectives_report_and_image_only_rows():
     sum(terms.values()).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in mo.heads.image_decoder.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in mo.heads.text_decoder.parameters())
-    loss = mo.heldout_mim(x, seed=3)
-    assert math.isfinite(loss) and loss == mo.heldout_mim(x, seed=3)  # fixed masks
+    mim = mo.heldout_mim(x, seed=3)
+    assert math.isfinite(mim["loss"]) and mim == mo.heldout_mim(x, seed=3)  # fixed masks
     with pytest.raises(ValueError, match="patch_size"):
         MaskedObjectives(_cfg(mmclip={"modalities": ["cxr"], "patch_size": 16}), "cxr", teacher,
                          torch.zeros(1, 32, 32))
+
+
+def _mmclip_cfg(**over):
+    return _cfg(mmclip={"modalities": ["cxr"], "patch_size": 8, "decoder_dim": 16, "decoder_depth": 1,
+                        "text_decoder_dim": 16, "text_decoder_depth": 1, **over})
+
+
+def test_image_only_items_reach_the_mim_loss():
+    from train.options import MaskedObjectives
+
+    teacher = _vit_teacher()
+    mo = MaskedObjectives(_mmclip_cfg(), "cxr", teacher, torch.zeros(1, 32, 32))
+    g = torch.Generator().manual_seed(0)
+    x_io = torch.randn(4, 1, 32, 32, generator=g)
+    # a batch of image-only items alone: the MIM term only, nonzero, gradients to decoder and ViT
+    terms = mo.terms(x_io[:0], [], x_io, torch.Generator().manual_seed(1))
+    assert set(terms) == {"mim_loss"} and float(terms["mim_loss"].detach()) > 0
+    terms["mim_loss"].backward()
+    grad = lambda mod: sum(float(p.grad.abs().sum()) for p in mod.parameters() if p.grad is not None)
+    assert grad(mo.heads.image_decoder) > 0 and grad(mo.vit) > 0
+    assert grad(mo.heads.text_decoder) == 0  # no report, no EntMLM
+    # mixed with report items, the image-only rows still drive the MIM loss (their pixels get a gradient)
+    teacher.zero_grad()
+    x_io = x_io.clone().requires_grad_(True)
+    terms = mo.terms(torch.randn(2, 1, 32, 32, generator=g), ["Cardiomegaly.", "Pleural effusion."], x_io,
+                     torch.Generator().manual_seed(1))
+    terms["mim_loss"].backward()
+    assert all(float(x_io.grad[i].abs().sum()) > 0 for i in range(len(x_io)))
+
+
+@pytest.mark.parametrize("use_image_only", [True, False])
+def test_stage0_feeds_image_only_items_only_when_asked(use_image_only, monkeypatch, tmp_path):
+    from train.config import RuntimeConfig
+    from train.distributed import DistInfo
+    from train.options import MaskedObjectives, pretrain_teacher_with_options
+    from train.stages.common import MetricsLog, Runtime
+
+    seen: list[int] = []
+    real = MaskedObjectives.terms
+
+    def spy(self, x, texts, x_image_only, g):
+        seen.append(0 if x_image_only is None else len(x_image_only))
+        return real(self, x, texts, x_image_only, g)
+
+    monkeypatch.setattr(MaskedObjectives, "terms", spy)
+    cfg = from_dict(TrainConfig, {"data": {"modalities": ["cxr"], "image_only_fraction": 0.5},
+                                  "mmclip": {"modalities": ["cxr"], "patch_size": 8, "decoder_dim": 16,
+                                             "decoder_depth": 1, "text_decoder_dim": 16, "text_decoder_depth": 1,
+                                             "warmup_steps": 1, "heldout_items": 0, "image_only": use_image_only},
+                                  "teachers": {"cxr": {"steps": 3, "batch_size": 4, "warmup_steps": 1}}})
+    g = torch.Generator().manual_seed(0)
+    mk = lambda n, tag: ModalityData(modality="cxr", x=torch.randn(n, 1, 32, 32, generator=g),
+                                     reports=[f"Finding {tag}{i}: pleural effusion." for i in range(n)],
+                                     labels=["a"] * n, item_ids=[f"{tag}{i}" for i in range(n)], pair_ids=[])
+    rt = Runtime(RuntimeConfig(device="cpu", progress=False, ckpt_every=100, log_every=1), DistInfo(), tmp_path)
+    out = pretrain_teacher_with_options(cfg, "cxr", _vit_teacher(), mk(8, "p"), mk(8, "i"), {"size": 32}, rt,
+                                        MetricsLog(tmp_path / "m.csv", True))
+    assert seen == ([4] * 3 if use_image_only else [0] * 3)  # batch 4 · 8 image-only / 8 paired
+    assert out["mmclip"]["image_only_items"] == (8 if use_image_only else 0)
+
+
+def test_heldout_masks_are_fixed_random_and_sized_like_training():
+    from train.options import heldout_mask_count, heldout_masks
+
+    cfg = _mmclip_cfg().mmclip  # λ1 0.7, λ2 0.75: 16 patches -> top 11 (11.2) -> 8 masked (8.25)
+    assert heldout_mask_count(16, cfg) == 8
+    assert heldout_mask_count(4, _mmclip_cfg(lambda1=0.1, lambda2=0.1).mmclip) == 1  # at least one
+    m = heldout_masks(5, 16, 8, seed=7)
+    assert m.shape == (5, 16) and m.sum(1).tolist() == [8] * 5
+    assert torch.equal(heldout_masks(3, 16, 8, seed=7), m[:3])  # image i's mask depends on (seed, i) only
+    assert not torch.equal(heldout_masks(5, 16, 8, seed=8), m)
+    assert len({tuple(r.tolist()) for r in m}) > 1  # different images, different masks
+
+
+def _slow_heldout(mo, x, mask, norm_pix=False):
+    """The held-out MIM loss one image at a time, masking and averaging with explicit loops."""
+    model = getattr(mo.vit, "model", mo.vit)
+    p, grid = mo.cfg.patch_size, x.shape[-1] // mo.cfg.patch_size
+    losses = []
+    for i in range(len(x)):
+        img = x[i].clone()
+        for j in range(mask.shape[1]):
+            if mask[i, j]:
+                r, c = divmod(j, grid)
+                img[:, r * p:(r + 1) * p, c * p:(c + 1) * p] = 0.0
+        with torch.no_grad():
+            tok = model.forward_features(img[None])[:, 1:]
+            pred = mo.heads.image_decoder(tok, mask[i:i + 1])[0]
+        errs = []
+        for j in range(mask.shape[1]):
+            if mask[i, j]:
+                r, c = divmod(j, grid)
+                target = x[i, :, r * p:(r + 1) * p, c * p:(c + 1) * p].permute(1, 2, 0).reshape(-1)
+                errs.append(float(((pred[j] - target) ** 2).mean()))
+        losses.append(sum(errs) / len(errs))
+    return sum(losses) / len(losses)
+
+
+def test_heldout_mim_matches_a_slow_computation_and_ignores_the_model():
+    from train.options import MaskedObjectives, heldout_mask_count, heldout_masks
+
+    cfg = _mmclip_cfg()
+    x = torch.randn(5, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    mo = MaskedObjectives(cfg, "cxr", _vit_teacher(), x[0])
+    mask = heldout_masks(5, 16, heldout_mask_count(16, cfg.mmclip), seed=11)
+    got = mo.heldout_mim(x, seed=11, batch_size=2)
+    assert got["mask_ratio"] == 0.5
+    assert math.isclose(got["loss"], _slow_heldout(mo, x, mask), rel_tol=1e-5)
+    # another model (other weights) is scored on the same masks: the decoder sees exactly them
+    other = MaskedObjectives(cfg, "cxr", _vit_teacher(), x[0])
+    torch.nn.init.normal_(other.heads.image_decoder.pos)
+    masks_seen = []
+    other.heads.image_decoder.register_forward_pre_hook(lambda mod, args: masks_seen.append(args[1].clone()))
+    other.heldout_mim(x, seed=11, batch_size=5)
+    assert torch.equal(masks_seen[0], mask)
+
+
+def test_heldout_mim_hand_worked_with_a_zero_decoder():
+    from train.options import MaskedObjectives, heldout_masks
+
+    mo = MaskedObjectives(_mmclip_cfg(), "cxr", _vit_teacher(), torch.zeros(1, 32, 32))
+    mo.heads.image_decoder.forward = lambda tokens, mask: torch.zeros(len(tokens), 16, 64)
+    # images of constant value 1, 2, 3: every masked pixel misses by that value -> (1 + 4 + 9) / 3;
+    # the visible-mean baseline predicts them exactly
+    x = torch.stack([torch.full((1, 32, 32), v) for v in (1.0, 2.0, 3.0)])
+    got = mo.heldout_mim(x, seed=0)
+    assert math.isclose(got["loss"], 14 / 3, rel_tol=1e-6) and got["baseline"] == 0.0
+    # an image whose patch j holds the value j: the baseline misses patch j by j - mean(visible)
+    img = torch.arange(16.0).view(4, 4).repeat_interleave(8, 0).repeat_interleave(8, 1)[None, None]
+    got = mo.heldout_mim(img, seed=0)
+    m = heldout_masks(1, 16, 8, seed=0)[0].tolist()
+    masked, visible = [j for j in range(16) if m[j]], [j for j in range(16) if not m[j]]
+    mean_vis = sum(visible) / 8
+    assert math.isclose(got["loss"], sum(j * j for j in masked) / 8, rel_tol=1e-6)
+    assert math.isclose(got["baseline"], sum((j - mean_vis) ** 2 for j in masked) / 8, rel_tol=1e-6)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -246,6 +381,7 @@ def test_all_options_run_end_to_end(tmp_path):
     assert set(pre["ecg"]["last"]) == {"tmcl_loss"} and set(pre["mri"]["last"]) == {"clip_loss", "se_loss"}
     mm = pre["cxr"]["mmclip"]
     assert mm["image_only_items"] > 0 and mm["heldout_items"] == 6 and math.isfinite(mm["heldout_mim_loss"])
+    assert math.isfinite(mm["heldout_mim_baseline"]) and 0 < mm["heldout_mask_ratio"] < 1
     assert s["bind"]["emcl_pairs"] > 0 and "emcl_loss" in s["bind"]["last"]
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["medbind"]["modalities"] == ["ecg"] and config["data"]["image_only_fraction"] == 0.3

@@ -168,3 +168,93 @@ def test_shared_prefix_blocks_and_cache_of_frozen_teachers(text_encoder):
             assert torch.allclose(cache(TEXTS), full, atol=1e-5)
         b.backbone.embeddings.word_embeddings.weight.add_(0.01)
     assert shared_prefix_blocks([a, b]) == 0
+
+
+def test_prefix_fill_runs_only_the_frozen_blocks_and_warm_matches_on_demand(text_encoder):
+    import copy
+
+    from train.stages.common import PrefixFeatureCache
+
+    enc = copy.deepcopy(text_encoder).eval()
+    for p in enc.parameters():
+        p.requires_grad_(False)
+    layers = transformer_layers(enc.backbone)
+    ran: list[int] = []
+    hooks = [layer.register_forward_hook(lambda *_a, i=i: ran.append(i)) for i, layer in enumerate(layers)]
+    try:
+        warm = PrefixFeatureCache(enc, blocks=1)
+        warm.warm(TEXTS)
+        assert set(ran) == {0} and len(warm.table) == 3  # filling ran block 0 only
+        ran.clear()
+        lazy = PrefixFeatureCache(enc, blocks=1)
+        with torch.no_grad():
+            got, want = warm(TEXTS[::-1]), lazy(TEXTS[::-1])
+        assert set(ran) == {0, 1} and ran.count(0) == 1  # the call runs block 1; block 0 once, to fill
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.allclose(got, want, atol=1e-6)
+    for t in TEXTS:  # cached states: block 0's output for the text alone (no padding), unpadded
+        with torch.no_grad():
+            h = layers[0](enc.backbone.embeddings(input_ids=enc.tokenize([t])["input_ids"]))
+        ref = (h[0] if isinstance(h, tuple) else h)[0]
+        assert warm.table[t].shape == ref.shape and torch.allclose(warm.table[t], ref, atol=1e-5)
+
+
+def test_text_feature_cache_warm_fills_every_text_once(text_encoder):
+    import copy
+
+    enc = copy.deepcopy(text_encoder).eval()
+    for p in enc.backbone.parameters():
+        p.requires_grad_(False)
+    cache = TextFeatureCache(enc, batch_size=2)
+    cache.warm(TEXTS + TEXTS)
+    assert sorted(cache.table) == sorted(TEXTS)
+    with torch.no_grad():
+        full = torch.nn.functional.normalize(enc(**enc.tokenize(TEXTS)).float(), dim=-1)
+        assert torch.allclose(cache(TEXTS), full, atol=1e-5)
+
+
+def test_label_prompt_texts_join_the_shared_pools_only_when_asked():
+    from m3bind import zeroshot
+    from m3bind.modalities import get_spec
+    from train.config import DataConfig
+    from train.data import ModalityData, label_prompt_texts, shared_text_pools
+
+    spec = get_spec("ct")
+    prompts = label_prompt_texts("ct")
+    for label in spec.labels:  # every text any zero-shot mode embeds for the default labels
+        for mode in zeroshot.MODES:
+            assert set(zeroshot.label_prompts("ct", [label], mode=mode)[label]) <= set(prompts)
+    assert len(prompts) == len(set(prompts))
+    train = {"ct": ModalityData("ct", torch.zeros(2, 1), ["r1", "r2"], ["normal", "normal"], ["a", "b"])}
+    assert shared_text_pools(train, DataConfig())["ct"] == ["r1", "r2"]
+    pooled = shared_text_pools(train, DataConfig(shared_prompts=True))["ct"]
+    assert set(pooled) == {"r1", "r2"} | set(prompts) and pooled == sorted(pooled)
+
+
+def test_checkpoints_hold_only_the_state_training_changes():
+    from m3bind.errors import M3BindError
+    from train.stages.common import _load_changing_state, changing_state
+
+    def build():
+        torch.manual_seed(3)
+        m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+        m[0].weight.requires_grad_(False)
+        m[0].bias.requires_grad_(False)
+        return m
+
+    trained = build()
+    trained.train()
+    with torch.no_grad():
+        trained(torch.randn(8, 4))  # moves the BatchNorm statistics
+        trained[2].weight.add_(1.0)
+    saved = changing_state(trained)
+    assert set(saved) == {"1.weight", "1.bias", "1.running_mean", "1.running_var",
+                          "1.num_batches_tracked", "2.weight", "2.bias"}  # frozen layer 0 left out
+    fresh = build()
+    _load_changing_state(fresh, saved, "toy")
+    for k, v in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    with pytest.raises(M3BindError):
+        _load_changing_state(build(), {k: v for k, v in saved.items() if k != "2.weight"}, "toy")

@@ -31,7 +31,9 @@ TINY = REPO / "train" / "configs" / "tiny.yaml"
 def test_shipped_configs_load(name):
     cfg = load_train_config(REPO / "train" / "configs" / name)
     assert set(cfg.teachers) >= set(cfg.data.modalities)
-    assert cfg.bind.lambda_align == 10.0 and cfg.bind.lora_r == 8
+    assert cfg.bind.lora_r == 8
+    # the paper's λ = 10, except the CPU demo's documented λ = 3 (docs/performance.md)
+    assert cfg.bind.lambda_align == (3.0 if name == "demo.yaml" else 10.0)
 
 
 def test_overrides_and_validation():

@@ -76,6 +76,10 @@ class DataConfig:
         "shared texts for alignment/KD: train_reports (union of all modalities' training reports) "
         "or train_reports+openi (plus the OpenI chest X-ray reports)"))
     openi_max: int = field(default=1000, metadata=_h("at most this many OpenI reports"))
+    shared_prompts: bool = field(default=False, metadata=_h(
+        "also add every modality's label prompts (its zero-shot templates, expert descriptions and "
+        "label names) to its pool of shared texts, so that binding aligns the teachers, and "
+        "distillation matches the student, on the texts zero-shot classification embeds"))
     cache_dir: str | None = field(default=None, metadata=_h(
         "preprocessed-tensor cache (null = <out>/cache)"))
     image_only_fraction: float = field(default=0.0, metadata=_h(
@@ -174,6 +178,10 @@ class BindConfig:
     balancing_normalize: bool = field(default=True, metadata=_h(
         "rescale w_m and η_m to mean 1 (resp. η_0) so that λ and η_0 keep their meaning"))
     beta: float = field(default=0.5, metadata=_h("β of the shared-text sampling p_m ∝ (1/|D_m|)^β"))
+    prompt_captions: bool = field(default=False, metadata=_h(
+        "captions of the CLIP term as in stage 0: with each teacher's prompt_caption_prob, a disease "
+        "prompt from the item's training label instead of its report (keeps the label prompts "
+        "anchored while the text encoders move; shared texts stay reports)"))
     emcl_weight: float = field(default=0.0, metadata=_h(
         "weight of MEDBind's EMCL on the paired CXR–ECG subset (0 = off; needs pair_id in the manifest)"))
 

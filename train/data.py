@@ -27,6 +27,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
+from m3bind import zeroshot
 from m3bind.errors import ConfigError, M3BindError
 from m3bind.modalities import get_spec
 from train.config import DataConfig, DatasetSource
@@ -347,8 +348,11 @@ class SharedTextSampler:
 
 
 def shared_text_pools(train: Mapping[str, ModalityData], cfg: DataConfig) -> dict[str, list[str]]:
-    """Per-modality pools of shared texts: each modality's distinct training reports (+ OpenI under cxr)."""
+    """Per-modality pools of shared texts: each modality's distinct training reports (+ OpenI under
+    cxr; + the modality's label prompts with ``cfg.shared_prompts``)."""
     pools = {m: sorted(set(d.reports)) for m, d in train.items()}
+    if cfg.shared_prompts:
+        pools = {m: sorted(set(pool) | set(label_prompt_texts(m))) for m, pool in pools.items()}
     if cfg.shared_texts == "train_reports+openi" and "cxr" in pools:
         from data_registry import openi
 
@@ -357,6 +361,14 @@ def shared_text_pools(train: Mapping[str, ModalityData], cfg: DataConfig) -> dic
         pools["cxr"] = sorted(set(pools["cxr"]) | {t for t in extra if t})
         log.info("shared texts: %d OpenI reports added to the cxr pool", len(extra))
     return pools
+
+
+def label_prompt_texts(modality: str) -> list[str]:
+    """Every text zero-shot classification embeds for the modality's default labels: the prompt
+    templates, the expert descriptions and the bare label names (``m3bind.zeroshot`` modes)."""
+    labels = list(get_spec(modality).labels)
+    return sorted({t for mode in zeroshot.MODES
+                   for prompts in zeroshot.label_prompts(modality, labels, mode=mode).values() for t in prompts})
 
 
 def crc(text: str) -> int:

@@ -13,7 +13,9 @@ and changes only what the option changes:
   batches of distinct reports.
 - ``mmclip``: ``train.mmclip.MMCLIPHeads`` (AttMIM + EntMLM) alone for ``mmclip.warmup_steps``
   steps, then joint with the modality-text loss; image-only items (``data.image_only_fraction``)
-  add the MIM loss alone; afterwards the MIM loss on held-out test images is measured.
+  add the MIM loss alone; afterwards the MIM loss on held-out test images is measured under
+  fixed random patch masks that depend only on the run seed and the image's position
+  (:meth:`MaskedObjectives.heldout_mim`), so that runs are scored on the same masked patches.
 
 :func:`withhold_reports` turns ``data.image_only_fraction`` of the training items of
 ``data.image_only_modalities`` into image-only items (chosen by a hash of the item id, so every
@@ -164,8 +166,7 @@ class MaskedObjectives:
         with torch.no_grad():
             return self.teacher.encode_text(self.prompts).float()
 
-    def _text_states(self, texts: list[str], n_image_only: int, g: torch.Generator
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _text_states(self, texts: list[str], g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from train.mmclip import (
             apply_token_mask,
             causal_positions,
@@ -181,41 +182,105 @@ class MaskedObjectives:
         pad = ~enc["attention_mask"].bool()
         dev = next(te.parameters()).device
         states = te.backbone(input_ids=ids.to(dev), attention_mask=enc["attention_mask"].to(dev)).last_hidden_state
-        if n_image_only:  # image-only rows: one dummy (unpadded) token, no labels
-            t = states.shape[1]
-            states = torch.cat([states, states.new_zeros(n_image_only, t, states.shape[2])])
-            labels = torch.cat([labels, labels.new_full((n_image_only, t), -100)])
-            extra = torch.ones(n_image_only, t, dtype=torch.bool)
-            extra[:, 0] = False
-            pad = torch.cat([pad, extra])
         return states.float(), labels.to(dev), pad.to(dev)
 
     def terms(self, x: torch.Tensor, texts: list[str], x_image_only: torch.Tensor | None,
               g: torch.Generator) -> Terms:
-        """``{"mim_loss", "mlm_loss"}`` of one batch: report items ``x``/``texts`` plus image-only items."""
-        n_io = 0 if x_image_only is None else len(x_image_only)
-        images = x if not n_io else torch.cat([x, x_image_only])
+        """``{"mim_loss", "mlm_loss"}`` of one batch: report items ``x``/``texts`` plus image-only items.
+
+        The report items run AttMIM (with their cross-attention map) and EntMLM; the image-only
+        items run AttMIM alone (self- and prompt-driven attention, no text decoder). The MIM loss
+        is the mean of the two groups' masked-patch MSEs weighted by their item counts (every
+        item weighs the same); ``mlm_loss`` only with report items.
+        """
         dev = next(self.heads.parameters()).device
-        states, labels, pad = self._text_states(texts, n_io, g)
-        has = torch.cat([torch.ones(len(texts), dtype=torch.bool), torch.zeros(n_io, dtype=torch.bool)]).to(dev)
-        return self.heads.losses(self.vit, images.to(dev), self.prompt_embeddings(), self.teacher.image_encoder.head,
-                                 states, labels, pad, has, generator=g)
+        prompts = self.prompt_embeddings()
+        head = self.teacher.image_encoder.head
+        n_io = 0 if x_image_only is None else len(x_image_only)
+        io = (self.heads.losses(self.vit, x_image_only.to(dev), prompts, head, generator=g)["mim_loss"]
+              if n_io else None)
+        if not texts:  # image-only items alone: the MIM loss only
+            if io is None:
+                raise ValueError("a batch needs report items or image-only items")
+            return {"mim_loss": io}
+        states, labels, pad = self._text_states(texts, g)
+        out = self.heads.losses(self.vit, x.to(dev), prompts, head, states, labels, pad, generator=g)
+        if io is not None:
+            out["mim_loss"] = (len(texts) * out["mim_loss"] + n_io * io) / (len(texts) + n_io)
+        return out
 
     @torch.no_grad()
-    def heldout_mim(self, x: torch.Tensor, seed: int, batch_size: int = 32) -> float:
-        """Mean MIM loss on held-out images ``x`` (as image-only items; masks fixed by ``seed``)."""
+    def heldout_mim(self, x: torch.Tensor, seed: int, batch_size: int = 32) -> dict[str, float]:
+        """The MIM loss on held-out images ``x`` under fixed, model-independent random masks.
+
+        Image ``i`` masks the :func:`heldout_mask_count` patches of :func:`heldout_masks` (drawn
+        from ``seed`` and ``i`` only), so every run that is given the same images and seed is
+        scored on the same masked patches. Each image weighs the same (every image masks equally
+        many patches).
+
+        Returns:
+            ``{"loss", "baseline", "mask_ratio"}``: the decoder's masked-patch MSE, the MSE of
+            predicting each masked patch by the mean of the image's visible pixels (per channel;
+            0 with ``norm_pix``) — a model-free reference — and the masked fraction of patches.
+        """
+        from train.mmclip import apply_patch_mask, masked_patch_mse, patchify
+
+        was_training = self.heads.training, self.vit.training
         self.heads.eval()
         self.vit.eval()
-        g = torch.Generator().manual_seed(seed)
-        prompts = self.prompt_embeddings()
+        model = getattr(self.vit, "model", self.vit)
+        npre = int(getattr(model, "num_prefix_tokens", 1))
+        p = self.cfg.patch_size
+        num_patches = self.heads.image_decoder.pos.shape[1]
+        mask_all = heldout_masks(len(x), num_patches, heldout_mask_count(num_patches, self.cfg), seed)
         dev = next(self.heads.parameters()).device
-        total, n = 0.0, 0
+        total = base = 0.0
         for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size].to(dev)
-            loss = self.heads.losses(self.vit, xb, prompts, self.teacher.image_encoder.head, generator=g)["mim_loss"]
-            total += float(loss) * len(xb)
-            n += len(xb)
-        return total / max(n, 1)
+            xb, mask = x[i:i + batch_size].to(dev), mask_all[i:i + batch_size].to(dev)
+            pred = self.heads.image_decoder(model.forward_features(apply_patch_mask(xb, mask, p))[:, npre:], mask)
+            target = patchify(xb, p)
+            total += float(masked_patch_mse(pred, target, mask, self.cfg.norm_pix)) * len(xb)
+            base += float(masked_patch_mse(visible_mean_prediction(xb, mask, p, self.cfg.norm_pix), target, mask,
+                                           self.cfg.norm_pix)) * len(xb)
+        self.heads.train(was_training[0])
+        self.vit.train(was_training[1])
+        n = max(len(x), 1)
+        return {"loss": total / n, "baseline": base / n, "mask_ratio": heldout_mask_count(num_patches, self.cfg)
+                / num_patches}
+
+
+def heldout_mask_count(num_patches: int, cfg: Any) -> int:
+    """Patches masked per held-out image: ``round(λ2·round(λ1·P))`` (at least 1).
+
+    That is the size of a training AttMIM mask when the score maps agree on their top-λ1
+    patches (their union is then smallest; training masks are at least this large).
+    """
+    return max(1, round(cfg.lambda2 * max(1, round(cfg.lambda1 * num_patches))))
+
+
+def heldout_masks(n: int, num_patches: int, k: int, seed: int) -> torch.Tensor:
+    """Boolean ``[n, P]``: image ``i`` masks ``k`` patches drawn uniformly from ``(seed, i)`` alone."""
+    mask = torch.zeros(n, num_patches, dtype=torch.bool)
+    for i in range(n):
+        mask[i, torch.randperm(num_patches, generator=generator(seed, "heldout_mim", i))[:k]] = True
+    return mask
+
+
+def visible_mean_prediction(x: torch.Tensor, mask: torch.Tensor, patch: int, norm_pix: bool) -> torch.Tensor:
+    """A model-free MIM prediction: every patch is the per-channel mean of the image's visible
+    pixels (zeros with ``norm_pix``, whose targets have mean 0); ``[B, P, patch²·C]`` like
+    :func:`train.mmclip.patchify`."""
+    from train.mmclip import patchify
+
+    patches = patchify(x, patch)
+    if norm_pix:
+        return torch.zeros_like(patches)
+    b, num_patches, f = patches.shape
+    c = x.shape[1]
+    per_channel = patches.view(b, num_patches, f // c, c)
+    vis = (~mask).to(x.dtype).view(b, num_patches, 1, 1)
+    mean = (per_channel * vis).sum(dim=(1, 2)) / (vis.sum(dim=(1, 2)) * (f // c)).clamp_min(1.0)
+    return mean.view(b, 1, 1, c).expand(b, num_patches, f // c, c).reshape(b, num_patches, f)
 
 
 def heldout_images(cfg: TrainConfig, modality: str, params: dict[str, Any], rt: Runtime, n: int) -> torch.Tensor:
@@ -239,7 +304,8 @@ def pretrain_teacher_with_options(cfg: TrainConfig, modality: str, teacher: Moda
 
     Returns:
         The loop summary plus ``objective`` and, with mmclip, ``mmclip`` {``image_only_items``,
-        ``heldout_mim_loss``, ``heldout_items``}.
+        ``heldout_items``, ``heldout_mim_loss``, ``heldout_mim_baseline``, ``heldout_mask_ratio``}
+        (:meth:`MaskedObjectives.heldout_mim`).
     """
     tcfg = cfg.teacher(modality)
     objective = cfg.stage0_objective(modality)
@@ -300,13 +366,27 @@ def pretrain_teacher_with_options(cfg: TrainConfig, modality: str, teacher: Moda
         info: dict[str, Any] = {"image_only_items": len(image_only) if use_io else 0}
         if cfg.mmclip.heldout_items:
             x = heldout_images(cfg, modality, params, rt, cfg.mmclip.heldout_items)
-            info.update(heldout_items=len(x), heldout_mim_loss=round(masked.heldout_mim(x, rt.seed("heldout_mim")), 6))
-            log.info("pretrain %s: held-out MIM loss %.5f on %d test images", modality,
-                     info["heldout_mim_loss"], len(x))
+            mim = masked.heldout_mim(x, rt.seed("heldout_mim"))
+            info.update(heldout_items=len(x), heldout_mim_loss=round(mim["loss"], 6),
+                        heldout_mim_baseline=round(mim["baseline"], 6), heldout_mask_ratio=mim["mask_ratio"])
+            log.info("pretrain %s: held-out MIM loss %.5f on %d test images (fixed random masks, ratio %.3f; "
+                     "visible-mean baseline %.5f)", modality, mim["loss"], len(x), mim["mask_ratio"],
+                     mim["baseline"])
         summary["mmclip"] = info
     teacher.eval()
     return summary
 
 
-__all__ = ["MaskedObjectives", "RandomBatcher", "heldout_images", "is_withheld",
-           "pretrain_teacher_with_options", "subset", "text_objective", "withhold_reports"]
+__all__ = [
+    "MaskedObjectives",
+    "RandomBatcher",
+    "heldout_images",
+    "heldout_mask_count",
+    "heldout_masks",
+    "is_withheld",
+    "pretrain_teacher_with_options",
+    "subset",
+    "text_objective",
+    "visible_mean_prediction",
+    "withhold_reports",
+]

@@ -183,7 +183,8 @@ def run(cfg: TrainConfig, out: Path) -> dict[str, Any]:
     summary["timing"] = timing
     simulated = not cfg.data.datasets and _cohort_is_simulated(root)
     summary.update(data={"cohort": str(root), "datasets": {m: s.adapter for m, s in cfg.data.datasets.items()},
-                         "train_sizes": sizes, "simulated": simulated})
+                         "train_sizes": sizes, "simulated": simulated,
+                         "shared_prompts": cfg.data.shared_prompts})
     base_prov = {"run": cfg.name, "config": to_dict(cfg), "data": summary["data"],
                  "fingerprint": training_fingerprint(cfg)}
 
@@ -298,6 +299,10 @@ def _add_training_section(out: Path, report: dict, summary: dict) -> None:
                      "These teachers saw disease prompts built from training labels with the zero-shot "
                      "templates (MMCLIP-style), so their zero-shot scores measure transfer to held-out "
                      "images, not to label phrasings never seen in training.")
+    if data.get("shared_prompts"):
+        lines.append("- **label prompts as shared texts**: binding aligned the teachers, and distillation "
+                     "fitted the student, on the label prompts (templates, expert descriptions, label names) "
+                     "as well as on the training reports; no test item or label enters training.")
     for stage in ("pretrain", "bind", "distill"):
         s = summary.get(stage)
         if isinstance(s, dict):

@@ -5,8 +5,9 @@ directly; they go through :class:`Services`, which
 
 * loads the model lazily and keeps a one-line *notice* instead of failing when there is none,
 * opens the catalogue when one is configured (and says so when there is none),
-* reads every file through :func:`m3bind.io.load` after checking that the path lies inside the
-  archive root, Gradio's upload folder or the app's own work folder,
+* reads every file through :func:`m3bind.io.load` after checking that the path, and every file
+  a load of it opens (a series folder's files, a WFDB record's signal files; links resolved),
+  lies inside the archive root, Gradio's upload folder or the app's own work folder,
 * keeps saved prompt sets as JSON in a user folder,
 * remembers the last few upload embeddings (by content) and label embeddings, so that one
   upload labelled zero-shot and then searched is read and embedded once.
@@ -198,6 +199,19 @@ class Services:
             raise UnsupportedFormat("no such file or folder", str(path))
         return real
 
+    def check_item(self, path: str | os.PathLike) -> Path:
+        """:meth:`check_path`, and every file a load of the item opens (a series folder's
+        files, a WFDB record's signal files) must resolve inside :meth:`allowed_roots` too.
+
+        Raises:
+            UnsupportedFormat: The item or one of its files lies outside the allowed folders.
+        """
+        from m3bind.io.confine import check_confined
+
+        real = self.check_path(path)
+        check_confined(real, self.allowed_roots())
+        return real
+
     def check_size(self, paths: Iterable[Path]) -> None:
         """Refuse uploads larger than ``max_upload_mb`` in total."""
         from m3bind.errors import TooLarge
@@ -233,7 +247,7 @@ class Services:
         """Read one file or folder through :func:`m3bind.io.load` after the path check."""
         from m3bind.io import load
 
-        real = self.check_path(path)
+        real = self.check_item(path)
         if modality and modality not in MODALITIES:
             raise ConfigError(f"unknown modality {modality!r}")
         return load(real, modality or None, keep_phi=self.keep_phi)
@@ -288,7 +302,7 @@ class Services:
     def embed_file(self, path: str | os.PathLike, modality: str | None = None) -> tuple[str, np.ndarray]:
         """``(modality, embedding)`` of one file or folder; an unchanged file already embedded
         is neither read nor embedded again."""
-        real = self.check_path(path)
+        real = self.check_item(path)
 
         def compute():
             sample = self.load(real, modality)

@@ -98,12 +98,12 @@ def _dicom_modality(path: Path, *, part10: bool = False) -> str | None:
     parsing it here too doubled the time of reading a DICOM file (a 12-lead ECG: 2 x 40 ms).
     When those two elements cannot be read, the full parse here raises the one-line error.
     """
-    from m3bind.io.dicom import modality_of, read_header
+    from m3bind.io.dicom import error_text, modality_of, quiet_pydicom, read_header
 
     if part10:
-        import pydicom
-
         from m3bind.io.limits import ClampedFile
+
+        pydicom = quiet_pydicom()
 
         try:
             size = check_file(path)
@@ -112,7 +112,7 @@ def _dicom_modality(path: Path, *, part10: bool = False) -> str | None:
                                      stop_before_pixels=True)
             return modality_of(ds)
         except Exception as e:  # noqa: BLE001 - damaged: the full parse below says how
-            log.debug("DICOM modality peek failed (%s: %s); full parse", type(e).__name__, e)
+            log.debug("DICOM modality peek failed (%s); full parse", error_text(e))
     return modality_of(read_header(path))
 
 

@@ -18,7 +18,9 @@ Privacy: names, birth dates and identifiers never enter ``meta``; with ``keep_ph
 are put under ``meta["phi"]``. ``meta["patient_ref"]`` is a salted SHA-256 pseudonym of
 PatientID (salt from the environment variable ``M3BIND_PATIENT_SALT``) so that an archive can
 link a patient's studies without storing the identifier; study and series instance UIDs are
-kept (``study_uid``, ``series_uid``) because linking needs them.
+kept (``study_uid``, ``series_uid``) because linking needs them. Error messages never quote
+element values (:func:`error_text`), and pydicom does not warn about invalid values
+(:func:`quiet_pydicom`): either could carry a damaged name or ID.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +61,36 @@ _PHI_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientID
 
 
 # ---------------------------------------------------------------------------- header helpers
+_QUOTED = re.compile(r"b?'(?:[^'\\\n]|\\.)*'" + r'|b?"(?:[^"\\\n]|\\.)*"')
+
+
+def error_text(e: BaseException) -> str:
+    """``Type: message`` of a pydicom error, one line, without the values it quotes.
+
+    pydicom quotes the raw bytes or the text of an element it cannot convert (``received
+    b'Doe^Jane'``, ``Invalid value for VR IS: '...'``), and the element may be a patient's
+    name or ID; the message reaches logs, the catalogue's failure rows and the app, so every
+    quoted value becomes ``'…'`` and the chained traceback pydicom appends is dropped.
+    """
+    msg = str(e).split("Traceback (most recent call last)")[0]
+    return f"{type(e).__name__}: {' '.join(_QUOTED.sub(chr(39) + '…' + chr(39), msg).split())}"
+
+
+def quiet_pydicom():
+    """pydicom, set not to warn about invalid values while reading (each warning quotes the
+    value, which may identify the patient); m3bind reads such values as they are."""
+    import pydicom
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    return pydicom
+
+
 def read_header(path: str | os.PathLike, *, pixels: bool = False):
     """Parse a DICOM file (without pixel data unless ``pixels``); one-line errors on junk."""
-    import pydicom
     from pydicom.errors import InvalidDicomError
+
+    pydicom = quiet_pydicom()
 
     size = check_file(path)
     try:
@@ -75,14 +104,14 @@ def read_header(path: str | os.PathLike, *, pixels: bool = False):
             with open(path, "rb") as f:
                 ds = pydicom.dcmread(_ClampedFile(f, size), stop_before_pixels=not pixels, force=True)
         except Exception as e:  # noqa: BLE001
-            raise CorruptFile(f"not a readable DICOM file: {e}", path) from None
+            raise CorruptFile(f"not a readable DICOM file: {error_text(e)}", path) from None
         if "SOPClassUID" not in ds and "Modality" not in ds:
             raise UnsupportedFormat("not a DICOM file", path)
         return _converted(ds, path)
     except PermissionError:
         raise CorruptFile("permission denied, cannot read file", path) from None
     except Exception as e:  # noqa: BLE001 - pydicom raises many types on damaged files
-        raise CorruptFile(f"damaged DICOM file: {type(e).__name__}: {e}", path) from None
+        raise CorruptFile(f"damaged DICOM file: {error_text(e)}", path) from None
 
 
 def _converted(ds, path):
@@ -95,7 +124,7 @@ def _converted(ds, path):
     try:
         ds.walk(lambda _ds, _elem: None)
     except Exception as e:  # noqa: BLE001 - pydicom's converters raise many types
-        raise CorruptFile(f"damaged DICOM element: {type(e).__name__}: {e}", path) from None
+        raise CorruptFile(f"damaged DICOM element: {error_text(e)}", path) from None
     return ds
 
 

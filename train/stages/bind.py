@@ -26,7 +26,7 @@ from train.config import BindConfig, TrainConfig
 from train.data import ModalityData, SharedTextSampler, StepBatcher, take
 from train.losses import OBJECTIVES, emcl_loss
 from train.stages.common import MetricsLog, PrefixFeatureCache, Runtime, train_loop
-from train.stages.pretrain import encode_images, is_tiled
+from train.stages.pretrain import encode_images, is_tiled, prompt_captions
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +173,19 @@ def run_bind(cfg: TrainConfig, zoo: dict[str, ModalityCLIP], train: dict[str, Mo
             return head_embeddings(teachers[m], take(feats[m], idx).to(rt.device))
         return encode_images(teachers[m].image_encoder, m, take(train[m].x, idx), rt)
 
+    def captions(m: str, idx: list[int], step: int) -> list[str]:
+        reports = [train[m].reports[i] for i in idx]
+        if not bcfg.prompt_captions:
+            return reports
+        return prompt_captions(reports, [train[m].labels[i] for i in idx], m,
+                               cfg.teacher(m).prompt_caption_prob, rt.seed(f"bind_captions_{m}", step))
+
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         images, texts = {}, {}
         for m in mods:
             idx = batchers[m].batch(step)[rank::world]
             images[m] = image_emb(m, idx)
-            texts[m] = encode_text[m]([train[m].reports[i] for i in idx])
+            texts[m] = encode_text[m](captions(m, idx, step))
         shared = sampler.sample(step, bcfg.shared_batch_size)[rank::world]
         shared_emb = {m: encode_text[m](shared) for m in mods}
         terms = objective(images=images, texts=texts, shared_texts=shared_emb,

@@ -13,6 +13,7 @@ process SIGKILL itself right after completing that step (and its checkpoint, if 
 
 from __future__ import annotations
 
+
 import csv
 import logging
 import math
@@ -20,7 +21,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from m3bind.errors import M3BindError
 from train import distributed as D
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.config import RuntimeConfig
@@ -146,6 +148,25 @@ def average_gradients(params: list[nn.Parameter]) -> None:
         p.grad /= world
 
 
+def changing_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The part of ``module``'s state dict a training step can change: trainable parameters and
+    buffers (e.g. BatchNorm statistics). Frozen weights are rebuilt identically on resume (the same
+    pretrained files, seeded initialisation), so checkpoints leave them out: a frozen MiniLM is
+    90 MB per text encoder, written at every checkpoint otherwise."""
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    names |= {n for n, _ in module.named_buffers()}
+    return {k: v for k, v in module.state_dict().items() if k in names}
+
+
+def _load_changing_state(module: nn.Module, saved: Mapping[str, torch.Tensor], name: str) -> None:
+    result = module.load_state_dict(dict(saved), strict=False)
+    expected = set(changing_state(module))
+    if result.unexpected_keys or expected - set(saved):
+        raise M3BindError(f"{name}: the checkpoint does not match the module "
+                          f"(unexpected {sorted(result.unexpected_keys)[:3]}, "
+                          f"missing {sorted(expected - set(saved))[:3]})")
+
+
 def _maybe_kill(name: str, step: int) -> None:
     target = os.environ.get(KILL_ENV, "")
     if target and target == f"{name}:{step}":
@@ -183,7 +204,7 @@ def train_loop(name: str, rt: Runtime, modules: Mapping[str, nn.Module], optimiz
     if ckpt is not None:
         for key, mod in modules.items():
             if key in ckpt["tensors"]:
-                mod.load_state_dict(ckpt["tensors"][key], strict=True)
+                _load_changing_state(mod, ckpt["tensors"][key], name)
         if ckpt["optim"] is not None:
             optimizer.load_state_dict(ckpt["optim"]["optimizer"])
             scheduler.load_state_dict(ckpt["optim"]["scheduler"])
@@ -230,7 +251,7 @@ def train_loop(name: str, rt: Runtime, modules: Mapping[str, nn.Module], optimiz
             metrics.write(name, step, vals)
             bar.set_postfix({k: f"{v:.3g}" for k, v in vals.items() if k.endswith("_loss")})
         if rt.dist.is_main and (step % rt.cfg.ckpt_every == 0 or step == total):
-            save_checkpoint(stage_dir, step, {k: m.state_dict() for k, m in modules.items()},
+            save_checkpoint(stage_dir, step, {k: changing_state(m) for k, m in modules.items()},
                             {"skipped_steps": skipped, "extra": state},
                             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
         D.barrier()
@@ -314,7 +335,54 @@ def shared_prefix_blocks(encoders: list[nn.Module]) -> int:
     return n
 
 
-class PrefixFeatureCache:
+class _TextTable:
+    """A table of per-text tensors computed once (eval mode, no grad) from a text encoder's
+    frozen part; subclasses say what one tokenised chunk becomes (:meth:`_encode_chunk`)."""
+
+    enc: nn.Module
+    batch_size: int
+    table: dict[str, torch.Tensor]
+
+    def _device(self) -> torch.device:
+        return next(self.enc.parameters()).device
+
+    @property
+    def caches(self) -> bool:
+        """Whether this encoder has a frozen part to cache (else every call runs it whole)."""
+        raise NotImplementedError
+
+    def _encode_chunk(self, tok: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _fill(self, texts: list[str]) -> None:
+        # by length, so that a chunk pads little
+        missing = sorted({t for t in texts if t not in self.table}, key=lambda t: (len(t), t))
+        if not missing:
+            return
+        backbone = self.enc.backbone
+        was_training = backbone.training
+        backbone.eval()
+        dev = self._device()
+        try:
+            for i in range(0, len(missing), self.batch_size):
+                chunk = missing[i:i + self.batch_size]
+                tok = {k: v.to(dev) for k, v in self.enc.tokenize(chunk).items()}
+                self.table.update(zip(chunk, self._encode_chunk(tok)))
+        finally:
+            backbone.train(was_training)
+
+    def warm(self, texts: list[str]) -> None:
+        """Compute the entries of ``texts`` now, in length-sorted chunks (cheaper than on demand)."""
+        if self.caches:
+            self._fill(list(texts))
+
+    def _full(self, texts: list[str]) -> torch.Tensor:
+        tok = {k: v.to(self._device()) for k, v in self.enc.tokenize(texts).items()}
+        return torch.nn.functional.normalize(self.enc(**tok).float(), dim=-1)
+
+
+class PrefixFeatureCache(_TextTable):
     """Text embeddings of an encoder whose embeddings and lowest ``k`` blocks are frozen (LoRA or
     fine-tuning on the top blocks only): the hidden states entering block ``k`` are computed once
     per distinct text (eval mode, no grad) and each step runs only blocks ``k..`` + pooling + head.
@@ -364,33 +432,50 @@ class PrefixFeatureCache:
                 h.update(p.detach().float().cpu().numpy().tobytes())
         return f"{self.k}:{h.hexdigest()}"
 
-    def _device(self) -> torch.device:
-        return next(self.enc.parameters()).device
+    @property
+    def caches(self) -> bool:
+        return self.k > 0
 
-    @torch.no_grad()
-    def _fill(self, texts: list[str]) -> None:
-        missing = sorted({t for t in texts if t not in self.table})
-        if not missing:
-            return
+    @contextmanager
+    def _blocks(self, start: int, stop: int | None, cached_input: bool):
+        """The backbone running blocks ``start:stop`` only (``cached_input``: its embedding layer
+        passes cached hidden states through)."""
         backbone = self.enc.backbone
-        was_training = backbone.training
-        backbone.eval()
-        dev = self._device()
-        for i in range(0, len(missing), self.batch_size):
-            chunk = missing[i:i + self.batch_size]
-            tok = {k: v.to(dev) for k, v in self.enc.tokenize(chunk).items()}
-            out = backbone(**tok, output_hidden_states=True)
-            h = out.hidden_states[self.k].float()
-            lengths = tok["attention_mask"].sum(1).tolist()
-            for t, hi, n in zip(chunk, h, lengths):
-                self.table[t] = hi[: int(n)].clone()
-        backbone.train(was_training)
+        parent_l, _, attr_l = self.layers_name.rpartition(".")
+        parent_e, _, attr_e = self.emb_name.rpartition(".")
+        lparent = backbone.get_submodule(parent_l) if parent_l else backbone
+        eparent = backbone.get_submodule(parent_e) if parent_e else backbone
+        layers, emb = getattr(lparent, attr_l), getattr(eparent, attr_e)
+        try:
+            setattr(lparent, attr_l, nn.ModuleList(list(layers)[start:stop]))
+            if cached_input:
+                setattr(eparent, attr_e, _Passthrough())
+            yield backbone
+        finally:
+            setattr(lparent, attr_l, layers)
+            setattr(eparent, attr_e, emb)
+
+    def _encode_chunk(self, tok: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        # the lowest k blocks only; block k-1's output is read by a hook (``hidden_states`` is not
+        # used: transformers collects it through hooks bound to the modules of the first call)
+        got: list[torch.Tensor] = []
+
+        def keep(_module, _args, output):
+            got.append(output[0] if isinstance(output, tuple) else output)
+
+        with self._blocks(0, self.k, cached_input=False) as prefix:
+            hook = self.enc.backbone.get_submodule(self.layers_name)[self.k - 1].register_forward_hook(keep)
+            try:
+                prefix(**tok)
+            finally:
+                hook.remove()
+        h = got[-1].float()
+        return [hi[: int(n)].clone() for hi, n in zip(h, tok["attention_mask"].sum(1).tolist())]
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         """L2-normalised embeddings ``[B, D]`` of ``texts`` (gradients reach blocks ``k..`` and the head)."""
-        if self.k == 0:
-            tok = {k: v.to(self._device()) for k, v in self.enc.tokenize(texts).items()}
-            return torch.nn.functional.normalize(self.enc(**tok).float(), dim=-1)
+        if not self.caches:
+            return self._full(texts)
         from m3bind.encoders.text import pool
 
         self._fill(texts)
@@ -402,24 +487,13 @@ class PrefixFeatureCache:
         for i, s in enumerate(seqs):
             h[i, : len(s)] = s
             mask[i, : len(s)] = 1
-        backbone = self.enc.backbone
-        parent_l, _, attr_l = self.layers_name.rpartition(".")
-        parent_e, _, attr_e = self.emb_name.rpartition(".")
-        lparent = backbone.get_submodule(parent_l) if parent_l else backbone
-        eparent = backbone.get_submodule(parent_e) if parent_e else backbone
-        layers, emb = getattr(lparent, attr_l), getattr(eparent, attr_e)
-        try:  # run the top blocks only: the embeddings pass the cached states through
-            setattr(lparent, attr_l, nn.ModuleList(list(layers)[self.k:]))
-            setattr(eparent, attr_e, _Passthrough())
-            out = backbone(inputs_embeds=h, attention_mask=mask)
-        finally:
-            setattr(lparent, attr_l, layers)
-            setattr(eparent, attr_e, emb)
+        with self._blocks(self.k, None, cached_input=True) as top:
+            out = top(inputs_embeds=h, attention_mask=mask)
         feats = pool(out.last_hidden_state, mask, self.enc.pooling, getattr(out, "pooler_output", None))
         return torch.nn.functional.normalize(self.enc.head(feats).float(), dim=-1)
 
 
-class TextFeatureCache:
+class TextFeatureCache(_TextTable):
     """Text embeddings of an encoder whose backbone is frozen: the pooled backbone features of
     each distinct text are computed once (eval mode, no grad) and only the projection head runs
     per step. With any trainable backbone parameter it simply runs the full encoder.
@@ -436,30 +510,17 @@ class TextFeatureCache:
             p.requires_grad for p in text_encoder.backbone.parameters())
         self.table: dict[str, torch.Tensor] = {}
 
-    def _device(self) -> torch.device:
-        return next(self.enc.parameters()).device
+    @property
+    def caches(self) -> bool:
+        return self.frozen
 
-    @torch.no_grad()
-    def _fill(self, texts: list[str]) -> None:
-        missing = sorted({t for t in texts if t not in self.table})
-        if not missing:
-            return
-        was_training = self.enc.backbone.training
-        self.enc.backbone.eval()
-        dev = self._device()
-        for i in range(0, len(missing), self.batch_size):
-            chunk = missing[i:i + self.batch_size]
-            tok = {k: v.to(dev) for k, v in self.enc.tokenize(chunk).items()}
-            feats = self.enc.features(**tok).float()
-            for t, f in zip(chunk, feats):
-                self.table[t] = f
-        self.enc.backbone.train(was_training)
+    def _encode_chunk(self, tok: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return list(self.enc.features(**tok).float())
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         """L2-normalised embeddings ``[B, D]`` of ``texts`` (gradients reach the head)."""
-        if not self.frozen:
-            tok = {k: v.to(self._device()) for k, v in self.enc.tokenize(texts).items()}
-            return torch.nn.functional.normalize(self.enc(**tok).float(), dim=-1)
+        if not self.caches:
+            return self._full(texts)
         self._fill(texts)
         feats = torch.stack([self.table[t] for t in texts])
         return torch.nn.functional.normalize(self.enc.head(feats).float(), dim=-1)

@@ -87,6 +87,7 @@ def run_distill(cfg: TrainConfig, bound: dict[str, ModalityCLIP], train: dict[st
     texts = sorted({t for pool in pools.values() for t in pool})
     row = {t: i for i, t in enumerate(texts)}
     table = _text_table(bound, texts, rt)
+    embed_cache.warm(texts)
     bal = balancing_terms({m: len(train[m]) for m in mods}, cfg.bind)
     sampler = SharedTextSampler(pools, bal["probs"], rt.cfg.seed, "distill_shared")
     rank, world = rt.dist.rank, rt.dist.world_size
