@@ -48,6 +48,17 @@ log = logging.getLogger("bench_search")
 RESULTS = Path(__file__).parent / "results"
 
 
+def _unit_rows(n: int, dim: int, draw, step: int = 100_000) -> np.ndarray:
+    """``n`` L2-normalised rows from ``draw(m)`` (``[m, dim]`` float32), drawn ``step`` at a time
+    so that 10^6 points never hold more than one chunk of float64 temporaries."""
+    out = np.empty((n, dim), np.float32)
+    for i in range(0, n, step):
+        m = min(step, n - i)
+        v = draw(m)
+        out[i:i + m] = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return out
+
+
 def simulated_vectors(n: int, dim: int, seed: int, point_seed: int, centres: int = 1000,
                       spread: float = 1.0) -> np.ndarray:
     """``n`` unit vectors around ``centres`` random directions of the full space (isotropic
@@ -55,13 +66,11 @@ def simulated_vectors(n: int, dim: int, seed: int, point_seed: int, centres: int
     c = np.random.default_rng(seed).normal(size=(centres, dim)).astype(np.float32)
     c /= np.linalg.norm(c, axis=1, keepdims=True)
     rng = np.random.default_rng([seed, point_seed])
-    out = np.empty((n, dim), np.float32)
-    step = 100_000
-    for i in range(0, n, step):
-        m = min(step, n - i)
-        v = c[rng.integers(0, centres, m)] + spread * rng.normal(size=(m, dim)).astype(np.float32) / np.sqrt(dim)
-        out[i:i + m] = v / np.linalg.norm(v, axis=1, keepdims=True)
-    return out
+
+    def draw(m: int) -> np.ndarray:
+        return c[rng.integers(0, centres, m)] + spread * rng.normal(size=(m, dim)).astype(np.float32) / np.sqrt(dim)
+
+    return _unit_rows(n, dim, draw)
 
 
 def lowrank_vectors(n: int, dim: int, seed: int, point_seed: int, rank: int = 32,
@@ -73,15 +82,13 @@ def lowrank_vectors(n: int, dim: int, seed: int, point_seed: int, rank: int = 32
     c /= np.linalg.norm(c, axis=1, keepdims=True)
     basis = np.linalg.qr(g.normal(size=(dim, rank)))[0].T.astype(np.float32)  # [rank, dim]
     rng = np.random.default_rng([seed, point_seed])
-    out = np.empty((n, dim), np.float32)
-    step = 100_000
-    for i in range(0, n, step):
-        m = min(step, n - i)
+
+    def draw(m: int) -> np.ndarray:
         z = c[rng.integers(0, centres, m)] + spread * rng.normal(size=(m, rank)).astype(np.float32) / np.sqrt(rank)
         z /= np.linalg.norm(z, axis=1, keepdims=True)
-        v = z @ basis + noise * rng.normal(size=(m, dim)).astype(np.float32) / np.sqrt(dim)
-        out[i:i + m] = v / np.linalg.norm(v, axis=1, keepdims=True)
-    return out
+        return z @ basis + noise * rng.normal(size=(m, dim)).astype(np.float32) / np.sqrt(dim)
+
+    return _unit_rows(n, dim, draw)
 
 
 DATA = {"lowrank": lowrank_vectors, "clusters": simulated_vectors}

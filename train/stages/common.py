@@ -13,7 +13,6 @@ process SIGKILL itself right after completing that step (and its checkpoint, if 
 
 from __future__ import annotations
 
-
 import csv
 import logging
 import math
