@@ -8,6 +8,7 @@ FAISS or torch, so a worker starts in a fraction of the time an import of
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -18,6 +19,7 @@ from typing import Any
 
 from data_registry.scan import Candidate
 from m3bind.errors import M3BindError, UnsupportedFormat
+from m3bind.io import load as _library_load
 from m3bind.io.confine import check_confined
 from m3bind.modalities import MODALITIES
 
@@ -105,14 +107,19 @@ def _jsonable(obj: Any) -> Any:
 PHI_META = ("comment", "patient", "name", "birth", "address", "uid", "accession", "study_id")
 
 
+@functools.lru_cache(maxsize=4096)
+def _is_phi_key(key: str) -> bool:
+    """Whether a metadata key names PHI (readers use a few dozen keys: the answer is cached)."""
+    low = key.lower()
+    return any(w in low for w in PHI_META) or low in ("study", "series", "subject")
+
+
 def _scrub(meta: Any, keep_phi: bool) -> Any:
     """Reader metadata without PHI keys (recursively), unless ``keep_phi``."""
     if keep_phi:
         return meta
     if isinstance(meta, dict):
-        return {k: _scrub(v, keep_phi) for k, v in meta.items()
-                if not any(w in str(k).lower() for w in PHI_META)
-                and str(k).lower() not in ("study", "series", "subject")}
+        return {k: _scrub(v, keep_phi) for k, v in meta.items() if not _is_phi_key(str(k))}
     if isinstance(meta, (list, tuple)):
         return [_scrub(v, keep_phi) for v in meta]
     return meta
@@ -149,7 +156,11 @@ def decode_task(root: str, cand: Candidate, default_modality: str | None,
                 links = wfdb_links(path)
             elif dicom:
                 links = dicom_links(os.path.join(root, min(cand.members)))
-            sample = _resolve(loader)(path, _detect(path)[1] or fallback)
+            read, detected = _resolve(loader), _detect(path)
+            if read is _library_load:  # the library reader need not detect the format again
+                sample = read(path, detected[1] or fallback, detected=detected)
+            else:
+                sample = read(path, detected[1] or fallback)
         for k, v in cand.hints.items():
             links.setdefault(k, v)
         sample.meta.pop("phi", None)

@@ -29,6 +29,7 @@ import datetime as dt
 import logging
 import multiprocessing
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -73,12 +74,22 @@ SAVE_EVERY_S = 10.0
 POOL_MIN_ITEMS = 16
 
 
+#: The two date spellings, as strptime formats and as patterns of their all-digit form.
+_DATE_FORMS = ((re.compile(r"(\d{4})(\d{2})(\d{2})"), "%Y%m%d", 8),
+               (re.compile(r"(\d{4})-(\d{2})-(\d{2})"), "%Y-%m-%d", 10))
+
+
 def _parse_date(text: str | None) -> str | None:
     """ISO date from ``YYYYMMDD`` or ``YYYY-MM-DD[...]``; None when unparseable."""
     if not text:
         return None
     t = str(text).strip()
-    for fmt, n in (("%Y%m%d", 8), ("%Y-%m-%d", 10)):
+    for pattern, fmt, n in _DATE_FORMS:
+        if m := pattern.fullmatch(t[:n]):  # the usual spelling, without strptime's pure Python
+            try:  # (the date strptime gives for these digits; an invalid one fails both ways)
+                return dt.date(*map(int, m.groups())).isoformat()
+            except ValueError:
+                continue
         try:
             return dt.datetime.strptime(t[:n], fmt).date().isoformat()
         except ValueError:
@@ -457,9 +468,13 @@ def index_archive(root: str | os.PathLike, catalog: str | Catalog, model, *,
                 to_hash.append(c)
         hashes: dict[str, str] = {}
         hash_fail = []
-        # hashlib releases the GIL on large buffers: threads hash in parallel without spawning
+        # hashlib releases the GIL on large buffers: threads hash in parallel without spawning;
+        # an inline run hashes in this thread (a one-thread pool only adds hand-overs of the GIL)
+        def hash_one(c: Candidate) -> tuple[str, str | None, str | None]:
+            return hash_task(str(root), c.kind, c.rel, c.members)
+
         with cf.ThreadPoolExecutor(max_workers=max(workers, 1)) as tp:
-            jobs = tp.map(lambda c: hash_task(str(root), c.kind, c.rel, c.members), to_hash)
+            jobs = tp.map(hash_one, to_hash) if workers > 1 else map(hash_one, to_hash)
             for rel, h, err in jobs:
                 if err:
                     c = by_rel[rel]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 
 import pytest
@@ -16,6 +17,8 @@ from train.compare import (
     attach,
     deep_merge,
     mean_std,
+    paired_test,
+    render_paired_tests,
     run_config,
     summarize,
     validate,
@@ -75,6 +78,43 @@ def test_mean_std_is_the_sample_std():
     assert mean_std([3.0]) == (3.0, 0.0)
 
 
+def test_paired_test_on_a_hand_example():
+    # diffs 1, 2, 3: mean 2, std 1, se 1/sqrt(3), t = 2 sqrt(3); with 2 degrees of freedom the t
+    # distribution has the closed form F(t) = 1/2 + t / (2 sqrt(2 + t^2)), so the two-sided
+    # p = 1 - t / sqrt(2 + t^2) = 1 - sqrt(12/14) and the 0.975 quantile is
+    # q = (2 * 0.975 - 1) / sqrt(2 * 0.975 * 0.025)
+    r = paired_test([1.0, 2.0, 3.0])
+    t = 2 * math.sqrt(3)
+    q = 0.95 / math.sqrt(2 * 0.975 * 0.025)
+    assert (r["mean"], r["std"], r["n"], r["df"]) == (pytest.approx(2.0), pytest.approx(1.0), 3, 2)
+    assert r["t"] == pytest.approx(t)
+    assert r["p"] == pytest.approx(1 - math.sqrt(12 / 14), rel=1e-9)
+    assert r["ci"] == pytest.approx([2 - q / math.sqrt(3), 2 + q / math.sqrt(3)], rel=1e-9)
+    assert r["p"] == pytest.approx(0.07418, abs=1e-5) and r["ci"][0] < 0 < r["ci"][1]
+
+
+def test_paired_test_matches_scipy_ttest_rel():
+    from scipy import stats
+
+    ref, opt = [0.0839, 0.0918, 0.0876, 0.0901, 0.0850], [0.0780, 0.0710, 0.0872, 0.0799, 0.0861]
+    r = paired_test([o - f for o, f in zip(opt, ref, strict=True)])
+    want = stats.ttest_rel(opt, ref)
+    assert r["t"] == pytest.approx(want.statistic) and r["p"] == pytest.approx(want.pvalue)
+    ci = want.confidence_interval(0.95)
+    assert r["ci"] == pytest.approx([ci.low, ci.high])
+
+
+def test_paired_test_degenerate_cases():
+    assert paired_test([0.5])["p"] is None and paired_test([0.5])["ci"] is None
+    assert paired_test([])["n"] == 0
+    same = paired_test([0.013, 0.013, 0.013])
+    assert same["p"] is None and same["t"] is None and same["ci"] == pytest.approx([0.013, 0.013])
+    # equal up to float rounding (one more R@1 hit out of 80 on every seed) is zero spread too
+    rounded = paired_test([0.025 - 0.0125, 0.0375 - 0.025, 0.0125 - 0.0])
+    assert rounded["p"] is None and rounded["ci"] == pytest.approx([0.0125, 0.0125])
+    assert paired_test([0.0, 0.0])["ci"] == [0.0, 0.0]
+
+
 def _fake_run(path, value, mim=None):
     path.mkdir(parents=True)
     metrics = {"bound": {"cxr->ecg": {"cross_modal": {"precision@10": value}}}}
@@ -99,6 +139,7 @@ def test_summarize_and_render(tmp_path):
     assert row["delta"]["mean"] == pytest.approx(statistics.mean([0.10, -0.02, 0.20]))
     assert row["delta"]["std"] == pytest.approx(statistics.stdev([0.10, -0.02, 0.20]))
     assert (row["delta"]["wins"], row["delta"]["losses"], row["delta"]["n"]) == (2, 1, 3)
+    assert row["delta"]["p"] == pytest.approx(paired_test([0.10, -0.02, 0.20])["p"])
     assert len(emcl["rows"]) == 1  # metrics absent from every run are left out
     io = next(c for c in comp["comparisons"] if c["option"] == "mmclip_image_only")
     mim = io["rows"][0]
@@ -106,8 +147,14 @@ def test_summarize_and_render(tmp_path):
     md = render_comparison(comp)
     assert "simulated" in md and "0.300 ± 0.050" in md and "2/3" in md
     assert all(f"### {c[0]}" in md for c in COMPARISONS)
+    paired = render_paired_tests(comp)
+    p = paired_test([0.10, -0.02, 0.20])
+    assert f"| {row['metric']} | 3 | 0.0933 ± 0.1102 | [{p['ci'][0]:.4f}, {p['ci'][1]:.4f}] | " in paired
+    assert f"{p['t']:.2f} | {p['p']:.3f} | 2/1 |" in paired
+    assert "MMCLIP image-only" not in paired  # no paired seed there
     # written and attached to a run's report
     write_summary(tmp_path, [0, 1, 2])
+    assert "Paired differences over seeds" in (tmp_path / "comparison.md").read_text()
     assert json.loads((tmp_path / "comparison.json").read_text())["seeds"] == [0, 1, 2]
     run = tmp_path / "run"
     run.mkdir()

@@ -15,7 +15,7 @@ from train import losses as L
 
 N, D, S = 5, 4, 2.5
 SHARDS = [(0, 3), (3, 5)]
-NAMES = ("clip", "align", "kd", "seskd_con", "tmcl", "emcl", "selip")  # unequal shards exercise the padding in gather_features
+NAMES = ("clip", "align", "kd", "kd_own", "seskd_con", "tmcl", "emcl", "selip")  # unequal shards exercise the padding in gather_features
 
 
 def _data():
@@ -35,6 +35,9 @@ def _all_losses(t, sim, ids, n_batch):
         "align": L.text_alignment_loss({"cxr": t["a"], "ecg": t["b"], "mri": t["txt"]},
                                        {"cxr": 0.5, "ecg": 2.0, "mri": 1.0}),
         "kd": L.seskd_kd_loss(t["stu"], {"cxr": t["a"], "ecg": t["b"]}),
+        # own texts: cxr rows only on rank 0, mri only on rank 1, ct on neither
+        "kd_own": L.seskd_kd_loss(t["stu"], {"cxr": t["a"], "ecg": t["b"], "mri": t["c"], "ct": t["e"]},
+                                  {"cxr": ids == 0, "ecg": ids == 1, "mri": ids == 2, "ct": ids == 5}),
         "seskd_con": L.seskd_contrastive_loss({"cxr": t["stu"], "ecg": t["a"]},
                                               {"cxr": t["img"], "ecg": t["b"]}, S),
         "tmcl": L.tmcl_loss(t["img"], t["txt"], ids, S),

@@ -454,3 +454,64 @@ def test_decoder_workers_import_neither_sqlalchemy_nor_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=TESTS.parent)
     assert out.stdout.strip() == "[]"
+
+
+def test_parse_date_fast_path_equals_strptime():
+    """:func:`_parse_date` reads the usual spellings without strptime: it must give what the
+    strptime-only parse gives, for valid, invalid and odd strings alike."""
+    import datetime as dt
+    import random
+
+    from data_registry.indexer import _parse_date
+
+    def by_strptime(text):
+        if not text:
+            return None
+        t = str(text).strip()
+        for fmt, n in (("%Y%m%d", 8), ("%Y-%m-%d", 10)):
+            try:
+                return dt.datetime.strptime(t[:n], fmt).date().isoformat()
+            except ValueError:
+                continue
+        return None
+
+    cases = [None, "", "20240105", "2024-01-07", " 2024-01-07T10:00 ", "20241301", "20230229",
+             "2024-02-29", "2024-2-9", "2024019", "0000-01-01", "2024/01/05", "20240105123000"]
+    rng = random.Random(0)
+    for _ in range(3000):
+        y, m, d = rng.randint(0, 9999), rng.randint(0, 13), rng.randint(0, 32)
+        cases += [f"{y:04d}{m:02d}{d:02d}", f"{y:04d}-{m:02d}-{d:02d}", f"{y}-{m}-{d}",
+                  "".join(rng.choice("0123456789- T") for _ in range(rng.randint(1, 12)))]
+    assert [_parse_date(c) for c in cases] == [by_strptime(c) for c in cases]
+
+
+def test_decoding_detects_each_file_once_and_reads_what_two_detections_read(tmp_path, monkeypatch):
+    """With the library reader, a file item's format is detected once (the reader is handed
+    the result); the decoded item equals that of the path that detects twice (any other loader)."""
+    import m3bind.io
+    from data_registry import decode
+
+    root = make_archive(tmp_path / "a")
+    cands, _ = scan(root)
+    calls = []
+    real_detect = m3bind.io.detect
+    monkeypatch.setattr(m3bind.io, "detect", lambda p: calls.append(str(p)) or real_detect(p))
+
+    def decode_all():
+        calls.clear()
+        out = {c.rel: decode.decode_task(str(root), c, None, decode.DEFAULT_LOADER) for c in cands}
+        return out, {c.rel: sum(Path(p) == root / c.rel for p in calls) for c in cands}
+
+    fast, fast_calls = decode_all()
+    monkeypatch.setattr(decode, "_library_load", None)  # as for any other loader
+    slow, slow_calls = decode_all()
+    files = [c.rel for c in cands if c.kind == "file" and not c.rel.endswith(".dcm")]
+    assert files and all(fast_calls[r] == 1 and slow_calls[r] == 2 for r in files)
+    assert set(fast) == set(slow) == {c.rel for c in cands}
+    for rel, a in fast.items():
+        b = slow[rel]
+        assert "error" not in a and a["links"] == b["links"] and a["meta"] == b["meta"], rel
+        sa, sb = a["sample"], b["sample"]
+        assert (sa.modality, sa.format, sa.modality_guess) == (sb.modality, sb.format,
+                                                               sb.modality_guess), rel
+        np.testing.assert_array_equal(sa.array, sb.array)

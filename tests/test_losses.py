@@ -106,6 +106,13 @@ def test_seskd_hand():
     assert L.seskd_kd_loss(s, {"cxr": torch.tensor([[0.0, 1.0]]), "ecg": s.clone()}).item() == pytest.approx(2.0)
     got = L.seskd_contrastive_loss({"cxr": EYE, "ecg": EYE}, {"cxr": EYE, "ecg": EYE}, 1.0)
     assert got.item() == pytest.approx(2 * math.log(1 + 1 / E))
+    # own texts: cxr's teacher sees row 0 only (distance² 2), ecg's rows 0-1 ((0 + 2) / 2)
+    s2 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    own = {"cxr": torch.tensor([True, False]), "ecg": torch.tensor([True, True]),
+           "mri": torch.tensor([False, False])}
+    teachers = {"cxr": torch.tensor([[0.0, 1.0], [5.0, 5.0]]), "ecg": torch.tensor([[1.0, 0.0], [1.0, 0.0]]),
+                "mri": torch.tensor([[3.0, 4.0], [3.0, 4.0]])}
+    assert L.seskd_kd_loss(s2, teachers, own).item() == pytest.approx(2.0 + 1.0)
 
 
 def test_tmcl_hand():
@@ -144,6 +151,11 @@ def test_against_slow_versions(seed):
     student = _unit(n, d, seed + 4)
     kd = sum(float(((texts[m] - student) ** 2).sum()) / n for m in texts)
     assert L.seskd_kd_loss(student, texts).item() == pytest.approx(kd, rel=1e-9)
+    own = {m: torch.rand(n, generator=torch.Generator().manual_seed(seed + k)) < 0.5 for k, m in enumerate(texts)}
+    own["mri"][:] = False
+    kd_own = sum(float(((texts[m][own[m]] - student[own[m]]) ** 2).sum()) / int(own[m].sum())
+                 for m in texts if own[m].any())
+    assert L.seskd_kd_loss(student, texts, own).item() == pytest.approx(kd_own, rel=1e-9)
     con = L.seskd_contrastive_loss({"cxr": txt, "ecg": img}, {"cxr": img, "ecg": txt}, s).item()
     assert con == pytest.approx(slow_ce(txt, img, s) + slow_ce(img, txt, s), rel=1e-9)
     ids = torch.tensor([0, 1, 0, 2, 1, 0])

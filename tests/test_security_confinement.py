@@ -191,3 +191,58 @@ def test_no_other_pickle_loader_in_the_code():
            for i, line in enumerate(p.read_text().splitlines(), 1) for s in OTHER_UNSAFE
            if s in line and not line.lstrip().startswith("#")]
     assert not bad, "\n".join(bad)
+
+
+def test_check_confined_compares_whole_path_components(tmp_path):
+    """A folder whose name extends the root's (``archive2`` beside ``archive``) is outside it;
+    the root's subfolders are inside, and everything is inside the file-system root."""
+    from m3bind.io.confine import check_confined
+
+    root, sibling = tmp_path / "archive", tmp_path / "archive2"
+    (root / "sub").mkdir(parents=True)
+    (root / "ok").mkdir()
+    sibling.mkdir()
+    (sibling / "f.png").write_bytes(b"x")
+    (root / "ok" / "ok.png").write_bytes(b"x")
+    os.symlink(sibling / "f.png", root / "sub" / "f.png")
+    with pytest.raises(UnsupportedFormat, match="outside the archive"):
+        check_confined(root / "sub" / "f.png", [root])
+    for ok in (root / "ok" / "ok.png", root / "ok"):
+        check_confined(ok, [root])
+    check_confined(root / "sub" / "f.png", [root, sibling])
+    check_confined(root / "sub" / "f.png", ["/"])
+    check_confined(root / "sub" / "f.png", [str(root) + "/../archive2/"])  # realpath'd roots
+
+
+def test_wfdb_file_listing_without_rdheader_equals_rdheader(tmp_path, monkeypatch):
+    """The files a record's header names, matched with wfdb's line patterns, equal those of a
+    full :func:`wfdb.rdheader` parse: plain, renamed signal file, comments and blank lines,
+    two signal files, and the headers left to ``rdheader`` (multi-segment, unparseable)."""
+    import wfdb
+
+    from m3bind.io import confine
+
+    sig = np.random.default_rng(0).normal(size=(200, 2))
+    for name in ("plain", "renamed"):
+        wfdb.wrsamp(name, fs=100, units=["mV"] * 2, sig_name=["I", "II"], p_signal=sig,
+                    fmt=["16"] * 2, write_dir=str(tmp_path))
+    (tmp_path / "renamed.dat").rename(tmp_path / "other.dat")
+    hea = tmp_path / "renamed.hea"
+    hea.write_text(hea.read_text().replace("renamed.dat", "other.dat"))
+    (tmp_path / "commented.hea").write_text(
+        "# a comment\n\ncommented 2 100 200\r\n  a.dat 16 200/mV 16 0 0 0 0 I\n"
+        "# between\nb.dat 16 200/mV 16 0 0 0 0 II\n#patient: P-1\n")
+    (tmp_path / "multi.hea").write_text("multi/2 2 100 400\nplain 200\ncommented 200\n")
+    (tmp_path / "broken.hea").write_text("broken 1 100 200\nthis is no signal line\n")
+    (tmp_path / "nosignals.hea").write_text("nosignals 0 100\n")
+    names = ["plain", "renamed", "commented", "multi", "broken", "nosignals"]
+    assert confine._signal_file_names(tmp_path / "plain") == ["plain.dat"] * 2  # no rdheader
+    assert confine._signal_file_names(tmp_path / "multi") is None  # left to rdheader
+    assert confine._signal_file_names(tmp_path / "broken") is None
+    fast = {n: confine._wfdb_files(tmp_path / f"{n}.hea") for n in names}
+    monkeypatch.setattr(confine, "_signal_file_names", lambda record: None)
+    full = {n: confine._wfdb_files(tmp_path / f"{n}.hea") for n in names}
+    assert fast == full
+    assert {p.name for p in fast["renamed"]} == {"renamed.hea", "other.dat"}
+    assert {p.name for p in fast["commented"]} == {"commented.hea", "a.dat", "b.dat"}
+    assert {p.name for p in fast["multi"]} >= {"plain.hea", "plain.dat", "a.dat", "b.dat"}

@@ -45,6 +45,8 @@ def test_overrides_and_validation():
         load_train_config(TINY, ["stages=[pretrain, fly]"])
     with pytest.raises(ConfigError):
         load_train_config(TINY, ["data.modalities=[cxr, xray]"])
+    with pytest.raises(ConfigError, match="kd_texts"):
+        load_train_config(TINY, ["distill.kd_texts=mine"])
     assert tuple(TrainConfig().stages) == STAGES
 
 
@@ -201,7 +203,8 @@ def test_tiny_end_to_end(tiny_runs):
         assert m.modalities == ["cxr", "retina", "ecg"]
         assert json.loads((out / d / "config.json").read_text())["provenance"]["stage"]
     assert load_model(out / "model").shared_text and not load_model(out / "bound_model").shared_text
-    assert "Training" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "Training" in text and "L_KD: each teacher on its own modality's texts" in text
     names = {line.split(",")[3] for line in (out / "metrics.csv").read_text().splitlines()[1:]}
     assert {"clip_loss", "align_loss", "kd_loss", "contrastive_loss", "skipped_steps"} <= names
     # binding changed the text side, not the frozen image trunks
@@ -263,6 +266,13 @@ def test_stale_generated_cohort_is_refused(tmp_path):
                   DataConfig(cohort=str(tmp_path), generate_patients=700, generate_kwargs={"test_fraction": 0.2})):
         with pytest.raises(ConfigError, match="other settings"):
             ensure_cohort(other)
+    # a setting the cohort.json does not record was generated at its default (label_noise 0.0);
+    # the worker count does not change the output
+    with pytest.raises(ConfigError, match="label_noise"):
+        ensure_cohort(DataConfig(cohort=str(tmp_path), generate_patients=700,
+                                 generate_kwargs={"test_fraction": 0.1, "label_noise": 0.2}))
+    assert ensure_cohort(DataConfig(cohort=str(tmp_path), generate_patients=700,
+                                    generate_kwargs={"test_fraction": 0.1, "label_noise": 0.0, "workers": 2})) == tmp_path
     # a cohort the config does not generate (generate_patients null) is taken as it is
     assert ensure_cohort(DataConfig(cohort=str(tmp_path), generate_patients=None)) == tmp_path
 

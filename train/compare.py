@@ -9,9 +9,12 @@ run of that seed; a finished run (its ``report.json`` exists) is not run again.
 
 Then :func:`summarize` reads each run's ``report.json`` / ``train_summary.json``, takes the
 metrics of :data:`COMPARISONS` and writes ``<out>/comparison.json`` (per metric and arm: the
-values per seed, mean, sample std) and ``<out>/comparison.md`` (the table of
-``train.report.render_comparison``). ``train.report.render_markdown`` appends that table to a
-run's report.md when the report dict holds it under ``options_comparison``.
+values per seed, mean, sample std; per metric the paired option − reference differences over
+seeds: mean, sample std, sign counts and a two-sided paired t-test with its 95% interval, see
+:func:`paired_test`) and ``<out>/comparison.md`` (the table of
+``train.report.render_comparison``, then the paired tests of :func:`render_paired_tests`).
+``train.report.render_markdown`` appends the former table to a run's report.md when the report
+dict holds it under ``options_comparison``.
 
 Every number is measured on the simulated cohort (simulated).
 """
@@ -248,6 +251,38 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
 
 
+def paired_test(diffs: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+    """Two-sided one-sample t-test of paired differences against 0 (the paired t-test).
+
+    Args:
+        diffs: per seed, option − reference.
+        level: confidence level of the interval.
+
+    Returns:
+        ``mean``, ``std`` (sample, ddof 1), ``n``, ``df`` (n − 1), ``t``, ``p`` (two-sided) and
+        ``ci`` ([lo, hi]: mean ± t quantile · std / √n). ``t``, ``p`` and ``ci`` are None with
+        fewer than 2 differences; with zero spread (std at most 1e-9 of the largest difference,
+        i.e. equal up to rounding) ``t`` and ``p`` are None (the test is undefined) and ``ci`` is
+        [mean, mean].
+    """
+    from scipy import stats
+
+    m, sd = mean_std(diffs)
+    n = len(diffs)
+    res: dict[str, Any] = {"mean": m, "std": sd, "n": n, "df": max(n - 1, 0), "t": None, "p": None,
+                           "ci": None, "ci_level": level}
+    if n < 2:
+        return res
+    if sd <= 1e-9 * max(abs(d) for d in diffs):
+        res["ci"] = [m, m]
+        return res
+    se = sd / math.sqrt(n)
+    t = m / se
+    q = float(stats.t.ppf(0.5 + level / 2, n - 1))
+    res.update(t=t, p=float(2 * stats.t.sf(abs(t), n - 1)), ci=[m - q * se, m + q * se])
+    return res
+
+
 def summarize(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
     """The comparison dict (see module docstring) from the finished runs under ``out``."""
     comparisons = []
@@ -264,9 +299,8 @@ def summarize(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
                 continue
             diffs = [row[arm]["per_seed"][s] - row[ref]["per_seed"][s] for s in seeds
                      if row[arm]["per_seed"][s] is not None and row[ref]["per_seed"][s] is not None]
-            dm, ds = mean_std(diffs)
-            row["delta"] = {"mean": dm, "std": ds, "n": len(diffs),
-                            "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs)}
+            row["delta"] = {**paired_test(diffs), "wins": sum(d > 0 for d in diffs),
+                            "losses": sum(d < 0 for d in diffs)}
             rows.append(row)
         comparisons.append({"title": title, "experiment": exp, "option": arm, "reference": ref,
                             "rows": rows})
@@ -276,13 +310,42 @@ def summarize(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
             "comparisons": comparisons}
 
 
+def render_paired_tests(comparison: Mapping[str, Any]) -> str:
+    """The paired-test section: per comparison and metric, the option − reference differences
+    over seeds (mean ± sample std, the 95% t interval, t, two-sided p, seeds higher/lower)."""
+    from train.report import DASH, table
+
+    def num(v: float | None, fmt: str) -> str:
+        return DASH if v is None else format(v, fmt)
+
+    lines = ["## Paired differences over seeds (option − reference; two-sided paired t-test)", "",
+             ("The interval is mean ± t(0.975, n − 1) · std / √n; with few seeds the test has little "
+              "power, so an interval that includes 0 is no evidence of equality."), ""]
+    for c in comparison.get("comparisons", []):
+        rows = []
+        for r in c["rows"]:
+            d = r.get("delta") or {}
+            if not d.get("n"):
+                continue
+            ci = d.get("ci")
+            rows.append([r["metric"], d["n"], f"{d['mean']:.4f} ± {d['std']:.4f}",
+                         f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else DASH, num(d.get("t"), ".2f"),
+                         num(d.get("p"), ".3f"), f"{d['wins']}/{d['losses']}"])
+        if rows:
+            lines += [f"### {c['title']}", "",
+                      table(["metric", "seeds", "mean ± std", "95% interval", "t", "p", "higher/lower"], rows),
+                      ""]
+    return "\n".join(lines) + "\n"
+
+
 def write_summary(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
-    """:func:`summarize`, written to ``comparison.json`` and ``comparison.md`` under ``out``."""
+    """:func:`summarize`, written to ``comparison.json`` and ``comparison.md`` (the comparison
+    table, then :func:`render_paired_tests`) under ``out``."""
     from train.report import render_comparison
 
     comp = summarize(out, seeds)
     (out / "comparison.json").write_text(json.dumps(comp, indent=2, sort_keys=False))
-    (out / "comparison.md").write_text(render_comparison(comp))
+    (out / "comparison.md").write_text(render_comparison(comp) + "\n" + render_paired_tests(comp))
     return comp
 
 

@@ -206,6 +206,9 @@ class DistillConfig:
     kd_steps: int = field(default=200, metadata=_h("phase 1 steps: L_KD alone (Eq. 7)"))
     joint_steps: int = field(default=100, metadata=_h("phase 2 steps: L_KD + L_contrastive (Eq. 9)"))
     batch_size: int = field(default=32, metadata=_h("shared texts per KD step"))
+    kd_texts: str = field(default="shared", metadata=_h(
+        "which teachers L_KD fits on a text: shared = every teacher on every shared text; own = "
+        "teacher m only on modality m's texts (its reports and label prompts)"))
     contrastive_batch_size: int = field(default=16, metadata=_h("report–image pairs per modality per phase-2 step"))
     contrastive_weight: float = field(default=1.0, metadata=_h("weight of L_contrastive in phase 2"))
     lr: float = field(default=2e-4, metadata=_h("peak learning rate of the student encoder"))
@@ -224,6 +227,8 @@ class DistillConfig:
             raise ValueError("distill: kd_steps/joint_steps >= 0, batch_size >= 2, lr > 0 required")
         if self.freeze_layers is not None and self.freeze_layers < 0:
             raise ValueError("distill: freeze_layers must be >= 0 or null")
+        if self.kd_texts not in ("shared", "own"):
+            raise ValueError(f"distill.kd_texts must be shared or own, got {self.kd_texts!r}")
 
 
 @dataclass

@@ -18,7 +18,7 @@ import logging
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -80,14 +80,29 @@ def _check_generated(root: Path, cfg: DataConfig) -> None:
         have = json.loads(info.read_text()).get("config", {})
     except (OSError, ValueError):
         return
+    from data_registry.synthetic.generate import CohortConfig
+
+    # a setting an older cohort.json does not record was generated at its default; the worker
+    # count does not change the output
+    defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory()
+                for f in fields(CohortConfig)}
     want = {"patients": cfg.generate_patients, "seed": cfg.generate_seed, "size": cfg.generate_size,
             **cfg.generate_kwargs}
+    have = {**defaults, **have}
     diff = {k: (have.get(k), v) for k, v in want.items()
-            if k in have and (list(have[k]) if isinstance(have[k], (list, tuple)) else have[k])
-            != (list(v) if isinstance(v, (list, tuple)) else v)}
+            if k != "workers" and k in have and _plain(have[k]) != _plain(v)}
     if diff:
         raise ConfigError("the cohort folder holds a cohort generated with other settings "
                           f"(have, want: {diff}); point data.cohort at a new folder or delete it", str(root))
+
+
+def _plain(v: Any) -> Any:
+    """Tuples as lists, recursively (a JSON round trip's view of a setting)."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
 
 
 def _dataset_rows(modality: str, src: DatasetSource) -> list[dict[str, Any]]:

@@ -156,19 +156,30 @@ def text_alignment_loss(texts: Mapping[str, Tensor], weights: Mapping[str, float
     return total
 
 
-def seskd_kd_loss(student: Tensor, teachers: Mapping[str, Tensor]) -> Tensor:
+def seskd_kd_loss(student: Tensor, teachers: Mapping[str, Tensor],
+                  own: Mapping[str, Tensor] | None = None) -> Tensor:
     """SESKD knowledge-distillation loss (M3Bind Eq. 7).
 
-    ``Σ_m mean_i ||T_m,i − T_student,i||²`` on the same texts.
+    ``Σ_m mean_i ||T_m,i − T_student,i||²``: with ``own`` None, ``i`` runs over every text of the
+    batch for every teacher; with ``own``, over the texts of modality m only (its reports and
+    label prompts), so that each teacher supervises the texts of its own data set. A modality with
+    none of its texts in the (global) batch adds nothing.
 
     Args:
         student: Student text embeddings ``[N, D]``.
         teachers: Modality -> ``[N, D]`` teacher (bound) text embeddings of the same texts.
+        own: Optional modality -> ``[N]`` boolean, True where the text belongs to the modality.
     """
     s = _norm(student)
     total = student.sum() * 0.0
-    for emb in teachers.values():
-        total = total + _global_mean((_norm(emb) - s).pow(2).sum(dim=-1))
+    for m, emb in teachers.items():
+        per_row = (_norm(emb) - s).pow(2).sum(dim=-1)
+        if own is None:
+            total = total + _global_mean(per_row)
+            continue
+        rows = per_row[own[m].to(per_row.device)]
+        if _global_sum_int(rows.shape[0], rows.device) > 0:
+            total = total + _global_mean(rows)
     return total
 
 
@@ -312,16 +323,18 @@ def m3bind_objective(images: Mapping[str, Tensor], texts: Mapping[str, Tensor],
 
 
 @OBJECTIVES.register("seskd_kd")
-def seskd_kd_objective(student: Tensor, teachers: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def seskd_kd_objective(student: Tensor, teachers: Mapping[str, Tensor],
+                       own: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
     """SESKD phase 1 (Eq. 7 alone): ``{"kd_loss"}``."""
-    return {"kd_loss": seskd_kd_loss(student, teachers)}
+    return {"kd_loss": seskd_kd_loss(student, teachers, own)}
 
 
 @OBJECTIVES.register("seskd")
 def seskd_objective(student: Tensor, teachers: Mapping[str, Tensor], students: Mapping[str, Tensor],
-                    images: Mapping[str, Tensor], logit_scale: Scale | Mapping[str, Scale]) -> dict[str, Tensor]:
+                    images: Mapping[str, Tensor], logit_scale: Scale | Mapping[str, Scale],
+                    own: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
     """SESKD phase 2 (Eq. 9): ``{"kd_loss", "contrastive_loss"}``."""
-    return {"kd_loss": seskd_kd_loss(student, teachers),
+    return {"kd_loss": seskd_kd_loss(student, teachers, own),
             "contrastive_loss": seskd_contrastive_loss(students, images, logit_scale)}
 
 

@@ -330,7 +330,11 @@ def _stage_line(stage: str, s: dict) -> str:
     if stage == "distill":
         parts = [f"{k}: {v.get('steps')} steps, {v.get('skipped_steps')} skipped"
                  for k, v in s.items() if isinstance(v, dict) and "steps" in v]
-        return "; ".join(parts) or "skipped"
+        if not parts:
+            return "skipped"
+        targets = {"own": "each teacher on its own modality's texts",
+                   "shared": "every teacher on every shared text"}.get(s.get("kd_texts"))
+        return "; ".join(parts) + (f" (L_KD: {targets})" if targets else "")
     return f"{s.get('steps')} steps, {s.get('skipped_steps')} skipped, last {s.get('last')}"
 
 

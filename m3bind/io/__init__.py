@@ -104,7 +104,7 @@ def _finite(sample: Sample) -> None:
 
 
 def load(path: str | os.PathLike, modality: str | None = None, *, keep_phi: bool = False,
-         **options: object) -> Sample:
+         detected: tuple[str, str | None] | None = None, **options: object) -> Sample:
     """Read a file or folder into a :class:`Sample`.
 
     Args:
@@ -114,6 +114,8 @@ def load(path: str | os.PathLike, modality: str | None = None, *, keep_phi: bool
         modality: The modality, for formats that carry none (PNG, JPEG, TIFF, NIfTI) or to
             override the file's; otherwise detected (or guessed, ``Sample.modality_guess``).
         keep_phi: Keep patient identifiers, under ``meta["phi"]`` (DICOM).
+        detected: What :func:`detect` said of ``path``, when the caller has just asked it
+            (the indexer does, for the modality): skips a second detection of the same file.
         **options: Reader options: ``series`` (DICOM SeriesInstanceUID to read from a folder
             of several), ``magnification``/``tile_size``/``max_tiles`` (whole-slide tiling).
 
@@ -127,7 +129,7 @@ def load(path: str | os.PathLike, modality: str | None = None, *, keep_phi: bool
         raise UnsupportedFormat(f"unknown modality {modality!r} (known: {', '.join(MODALITIES)})", path)
     p = Path(path)
     try:
-        fmt, found = detect(p)
+        fmt, found = detect(p) if detected is None else detected
         if modality is not None and modality not in FORMAT_MODALITIES.get(fmt, MODALITIES):
             raise UnsupportedFormat(f"a {fmt} file cannot hold {modality} data", path)
         sample = READERS.get(fmt)(p, modality, keep_phi=keep_phi, **options)

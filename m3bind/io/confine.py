@@ -21,6 +21,40 @@ from m3bind.io.limits import LIMITS
 log = logging.getLogger(__name__)
 
 
+def _signal_file_names(record: Path) -> list[str] | None:
+    """Signal file names of a single-segment WFDB header, matched with wfdb's own record and
+    signal line patterns but without :func:`wfdb.rdheader`'s field conversions (pandas lookups,
+    about 6 ms a header, more than the rest of an indexed ECG's bookkeeping).
+
+    None when the header is multi-segment, does not match, or this wfdb lacks the patterns:
+    :func:`wfdb.rdheader` then decides. Where ``rdheader`` would still fail on a matched header
+    (a field it cannot convert), the names are listed all the same, so the check is no weaker.
+    """
+    try:
+        from wfdb.io import _header
+        from wfdb.io.header import parse_header_content
+    except ImportError:  # pragma: no cover - another wfdb layout
+        return None
+    rx_record, rx_signal = getattr(_header, "rx_record", None), getattr(_header, "rx_signal", None)
+    if rx_record is None or rx_signal is None:  # pragma: no cover
+        return None
+    try:  # read as rdheader reads it
+        with open(record.with_name(record.name + ".hea"), encoding="ascii", errors="ignore") as f:
+            lines, _ = parse_header_content(f.read())
+    except OSError:
+        return None
+    rec = rx_record.match(lines[0]) if lines else None
+    if rec is None or rec.group("n_seg"):
+        return None
+    names = []
+    for line in lines[1:]:
+        m = rx_signal.match(line)
+        if m is None:
+            return None
+        names.append(m.group("file_name") or None)  # rdheader's read default, as it lists it
+    return names
+
+
 def _wfdb_files(path: Path) -> list[Path]:
     """The header, signal files and segment headers (with their signal files) of a record."""
     import wfdb
@@ -32,6 +66,10 @@ def _wfdb_files(path: Path) -> list[Path]:
     todo, seen = [base], {base.name}
     while todo:
         rec = todo.pop()
+        names = _signal_file_names(rec)
+        if names is not None:
+            files.extend(base.parent / str(name) for name in names)
+            continue
         try:
             header = wfdb.rdheader(str(rec))
         except Exception as e:  # noqa: BLE001 - the reader refuses it before any signal is read
@@ -74,8 +112,11 @@ def item_files(path: str | os.PathLike) -> list[Path]:
     return out
 
 
-def _inside(real: Path, roots: list[Path]) -> bool:
-    return any(real == r or r in real.parents for r in roots)
+def _inside(real: str, roots: list[str]) -> bool:
+    """Whether the resolved path ``real`` is one of the resolved ``roots`` or lies under one
+    (string prefixes at a separator: both come normalised from :func:`os.path.realpath`)."""
+    return any(real == r or real.startswith(r if r.endswith(os.sep) else r + os.sep)
+               for r in roots)
 
 
 def check_confined(path: str | os.PathLike, roots: Iterable[str | os.PathLike]) -> None:
@@ -84,10 +125,10 @@ def check_confined(path: str | os.PathLike, roots: Iterable[str | os.PathLike]) 
     Raises:
         UnsupportedFormat: Naming the first file outside (relative to the item when it can).
     """
-    resolved = [Path(os.path.realpath(r)) for r in roots]
+    resolved = [os.path.realpath(r) for r in roots]
     p = Path(path)
     for f in item_files(p):
-        if not _inside(Path(os.path.realpath(f)), resolved):
+        if not _inside(os.path.realpath(f), resolved):
             try:
                 name = f.relative_to(p if p.is_dir() else p.parent).as_posix()
             except ValueError:

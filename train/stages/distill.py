@@ -1,7 +1,8 @@
 """Stage 2: SESKD — one student text encoder distilled from the bound teachers (M3Bind Eqs. 7-9).
 
 Phase 1 trains the student (default MiniLM + a projection to the shared dimension) with
-``L_KD = Σ_m mean_i ||T_m,i − T_student,i||²`` on shared texts; phase 2 adds
+``L_KD = Σ_m mean_i ||T_m,i − T_student,i||²`` on shared texts (``distill.kd_texts``: every
+teacher on every text, or teacher m on modality m's own texts only); phase 2 adds
 ``L_contrastive = Σ_m CE(s·T_student·I_mᵀ, diag)`` on each modality's report–image pairs.
 Each phase has its own step count, optimizer and warm-up/cosine schedule. The teachers are
 frozen, so their text embeddings of every shared text and their image embeddings of every
@@ -94,15 +95,22 @@ def run_distill(cfg: TrainConfig, bound: dict[str, ModalityCLIP], train: dict[st
     kd = OBJECTIVES.get("seskd_kd")
     joint = OBJECTIVES.get("seskd")
 
+    members = {m: set(pools.get(m, ())) for m in mods}
+
+    def own(batch: list[str]) -> dict[str, torch.Tensor] | None:
+        if dc.kd_texts == "shared":
+            return None
+        return {m: torch.tensor([t in members[m] for t in batch], dtype=torch.bool) for m in mods}
+
     def kd_step(step: int) -> dict[str, torch.Tensor]:
         batch = sampler.sample(step, dc.batch_size)[rank::world]
         idx = torch.tensor([row[t] for t in batch])
-        return kd(student_embed(batch), {m: table[m][idx].to(rt.device) for m in mods})
+        return kd(student_embed(batch), {m: table[m][idx].to(rt.device) for m in mods}, own(batch))
 
     def student_embed(batch: list[str]) -> torch.Tensor:
         return embed_cache(batch)
 
-    summary: dict[str, Any] = {"shared_texts": len(texts)}
+    summary: dict[str, Any] = {"shared_texts": len(texts), "kd_texts": dc.kd_texts}
     opt = _optimizer(student, cfg)
     summary["kd"] = train_loop("distill_kd", rt, {"student": student}, opt, dc.kd_steps, dc.warmup_steps,
                                kd_step, metrics)
@@ -125,7 +133,7 @@ def run_distill(cfg: TrainConfig, bound: dict[str, ModalityCLIP], train: dict[st
                 students[m] = student_embed([train[m].reports[i] for i in rows])
                 imgs[m] = take(images[m], rows).to(rt.device)
             terms = joint(student_embed(batch), {m: table[m][idx].to(rt.device) for m in mods},
-                          students, imgs, scales)
+                          students, imgs, scales, own(batch))
             terms["contrastive_loss"] = dc.contrastive_weight * terms["contrastive_loss"]
             return terms
 
