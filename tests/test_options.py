@@ -201,6 +201,25 @@ def test_masked_objectives_report_and_image_only_rows():
                          torch.zeros(1, 32, 32))
 
 
+def test_masked_objectives_init_depends_on_the_run_seed_only():
+    """The decoders' init is a function of runtime.seed, not of the global RNG state that the
+    code before it left (reruns of one seed differed at step 1 before)."""
+    from train.options import MaskedObjectives
+
+    teacher = _vit_teacher()
+
+    def heads(cfg, global_seed):
+        torch.manual_seed(global_seed)
+        return MaskedObjectives(cfg, "cxr", teacher, torch.zeros(1, 32, 32)).heads.state_dict()
+
+    a, b = heads(_mmclip_cfg(), 1), heads(_mmclip_cfg(), 2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = _mmclip_cfg()
+    other.runtime.seed = 5
+    c = heads(other, 1)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
 def _mmclip_cfg(**over):
     return _cfg(mmclip={"modalities": ["cxr"], "patch_size": 8, "decoder_dim": 16, "decoder_depth": 1,
                         "text_decoder_dim": 16, "text_decoder_depth": 1, **over})

@@ -35,7 +35,7 @@ import torch
 from m3bind.modalities import get_spec
 from m3bind.model import ModalityCLIP
 from train.config import TrainConfig
-from train.data import ModalityData, StepBatcher, crc, generator, take
+from train.data import ModalityData, StepBatcher, crc, generator, stream_seed, take
 from train.losses import OBJECTIVES
 from train.medbind import text_ids
 from train.stages.common import (
@@ -156,8 +156,10 @@ class MaskedObjectives:
                              f"{h}x{w} input")
         te = teacher.text_encoder
         self.tokenizer = te.tokenizer
-        self.heads = MMCLIPHeads(self.cfg, num_patches, int(model.embed_dim), p * p * c,
-                                 int(self.tokenizer.vocab_size), int(te.embed_dim))
+        with torch.random.fork_rng(devices=[]):  # the decoders' init: a function of the run seed
+            torch.manual_seed(stream_seed(cfg.runtime.seed, f"mmclip_heads_{modality}", 0))
+            self.heads = MMCLIPHeads(self.cfg, num_patches, int(model.embed_dim), p * p * c,
+                                     int(self.tokenizer.vocab_size), int(te.embed_dim))
         self.lexicon = build_clinical_lexicon()
         self.prompts = disease_prompts(modality)
 
