@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from data_registry.scan import Candidate
+from m3bind import io as m3io
 from m3bind.errors import M3BindError, UnsupportedFormat
 from m3bind.io import load as _library_load
 from m3bind.io.confine import check_confined
@@ -156,7 +157,7 @@ def decode_task(root: str, cand: Candidate, default_modality: str | None,
                 links = wfdb_links(path)
             elif dicom:
                 links = dicom_links(os.path.join(root, min(cand.members)))
-            read, detected = _resolve(loader), _detect(path)
+            read, detected = _resolve(loader), m3io.detect(path)  # looked up per call (patchable)
             if read is _library_load:  # the library reader need not detect the format again
                 sample = read(path, detected[1] or fallback, detected=detected)
             else:
@@ -178,16 +179,6 @@ def decode_task(root: str, cand: Candidate, default_modality: str | None,
         return {"rel": cand.rel, "error": "out of memory while decoding"}
     except Exception as e:  # noqa: BLE001 - junk must never crash the run
         return {"rel": cand.rel, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
-
-
-def _detect(path: str) -> tuple[str, str | None]:
-    """:func:`m3bind.io.detect` (the package function, or its module's while the package is new)."""
-    from m3bind import io as m3io
-
-    fn = getattr(m3io, "detect", None)
-    if not callable(fn):
-        from m3bind.io.detect import detect as fn
-    return fn(path)
 
 
 def _looks_dicom(path: str) -> bool:

@@ -90,19 +90,12 @@ def _check_generated(root: Path, cfg: DataConfig) -> None:
             **cfg.generate_kwargs}
     have = {**defaults, **have}
     diff = {k: (have.get(k), v) for k, v in want.items()
-            if k != "workers" and k in have and _plain(have[k]) != _plain(v)}
+            if k != "workers" and k in have
+            and (list(have[k]) if isinstance(have[k], (list, tuple)) else have[k])
+            != (list(v) if isinstance(v, (list, tuple)) else v)}
     if diff:
         raise ConfigError("the cohort folder holds a cohort generated with other settings "
                           f"(have, want: {diff}); point data.cohort at a new folder or delete it", str(root))
-
-
-def _plain(v: Any) -> Any:
-    """Tuples as lists, recursively (a JSON round trip's view of a setting)."""
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    return v
 
 
 def _dataset_rows(modality: str, src: DatasetSource) -> list[dict[str, Any]]:

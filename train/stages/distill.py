@@ -105,10 +105,7 @@ def run_distill(cfg: TrainConfig, bound: dict[str, ModalityCLIP], train: dict[st
     def kd_step(step: int) -> dict[str, torch.Tensor]:
         batch = sampler.sample(step, dc.batch_size)[rank::world]
         idx = torch.tensor([row[t] for t in batch])
-        return kd(student_embed(batch), {m: table[m][idx].to(rt.device) for m in mods}, own(batch))
-
-    def student_embed(batch: list[str]) -> torch.Tensor:
-        return embed_cache(batch)
+        return kd(embed_cache(batch), {m: table[m][idx].to(rt.device) for m in mods}, own(batch))
 
     summary: dict[str, Any] = {"shared_texts": len(texts), "kd_texts": dc.kd_texts}
     opt = _optimizer(student, cfg)
@@ -130,9 +127,9 @@ def run_distill(cfg: TrainConfig, bound: dict[str, ModalityCLIP], train: dict[st
             students, imgs = {}, {}
             for m in mods:
                 rows = batchers[m].batch(step)[rank::world]
-                students[m] = student_embed([train[m].reports[i] for i in rows])
+                students[m] = embed_cache([train[m].reports[i] for i in rows])
                 imgs[m] = take(images[m], rows).to(rt.device)
-            terms = joint(student_embed(batch), {m: table[m][idx].to(rt.device) for m in mods},
+            terms = joint(embed_cache(batch), {m: table[m][idx].to(rt.device) for m in mods},
                           students, imgs, scales, own(batch))
             terms["contrastive_loss"] = dc.contrastive_weight * terms["contrastive_loss"]
             return terms
