@@ -388,6 +388,16 @@ class Catalog:
             ).one()
         return int(n), int(total)
 
+    def embedding_states(self, model_key: str) -> dict[str, tuple[int, int]]:
+        """:meth:`embedding_state` of every modality that has embeddings of ``model_key``,
+        in one query (an indexing run checks all six indices before it starts)."""
+        with self.session() as s:
+            rows = s.execute(
+                select(Embedding.modality, func.count(Embedding.id),
+                       func.coalesce(func.sum(Embedding.id), 0))
+                .where(Embedding.model_key == model_key).group_by(Embedding.modality)).all()
+        return {m: (int(n), int(total)) for m, n, total in rows}
+
     def load_vectors(self, modality: str, model_key: str,
                      item_ids: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Vectors ``[N, D]`` float32 and their embedding ids ``[N]`` int64 of one index."""
@@ -415,18 +425,20 @@ class Catalog:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key)
         return self.index_dir / f"{modality}--{safe}.m3idx"
 
-    def vector_index(self, modality: str, model_key: str, *, rebuild: bool = False):
+    def vector_index(self, modality: str, model_key: str, *, rebuild: bool = False,
+                     state: tuple[int, int] | None = None):
         """The FAISS index of one modality and model, rebuilt from the catalogue when stale.
 
         The file records the ``(count, id sum)`` of the embeddings it holds; when these differ
         from the catalogue's (an indexer killed between its commit and its index write, a file
         deleted or copied from elsewhere) the index is rebuilt from the stored vectors and
         written back atomically. Crossing the size threshold rebuilds it as an approximate index.
+        ``state`` is the catalogue's :meth:`embedding_state`, when the caller has just read it.
         """
         from m3bind.index import VectorIndex, choose_kind
 
         path = self.index_path(modality, model_key)
-        state = self.embedding_state(modality, model_key)
+        state = self.embedding_state(modality, model_key) if state is None else state
         key = (modality, model_key)
         cached = self._loaded_indices.get(key)
         if not rebuild and cached is not None and cached[:2] == (_file_stamp(path), state):
@@ -443,8 +455,9 @@ class Catalog:
                 log.info("index %s is stale (%s vs catalogue %s); rebuilding",
                          path.name, (len(index), index.id_sum), state)
                 index = None
-        if index is None:
-            vectors, ids = self.load_vectors(modality, model_key)
+        if index is None:  # (no embeddings: nothing to read, load_vectors' empty arrays)
+            vectors, ids = (self.load_vectors(modality, model_key) if state[0] else
+                            (np.zeros((0, 0), np.float32), np.zeros(0, np.int64)))
             index = VectorIndex.build(vectors, ids)
             if state[0]:
                 self.index_dir.mkdir(parents=True, exist_ok=True)

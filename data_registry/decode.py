@@ -94,6 +94,11 @@ def _dicom_meta_links(meta: dict[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in pairs.items() if v not in (None, "")}
 
 
+#: The archive root's real path, resolved once a process rather than once an item (a root
+#: replaced by a link mid-run only makes the check refuse: the items then resolve elsewhere).
+_real_root = functools.lru_cache(maxsize=16)(os.path.realpath)
+
+
 def _resolve(spec: str) -> Callable:
     mod, _, fn = spec.partition(":")
     return getattr(importlib.import_module(mod), fn)
@@ -133,7 +138,7 @@ def decode_task(root: str, cand: Candidate, default_modality: str | None,
     try:
         # every file the read opens resolves inside the archive (a .dat or series member may be a
         # link out of it); the refusal becomes the item's failure row
-        check_confined(path, [root])
+        check_confined(path, [_real_root(root)], roots_resolved=True)
         links: dict[str, str] = {}
         fallback = cand.hints.get("modality") or default_modality
         dicom = cand.kind == "dicom_series" or cand.members[0].lower().endswith(".dcm") or (

@@ -61,21 +61,36 @@ class Candidate:
     hints: dict[str, str] = field(default_factory=dict)
 
 
-def _stat_members(root: Path, cand: Candidate) -> None:
+def _suffix(name: str) -> str:
+    """``Path(name).suffix`` of a bare file name, without building a Path."""
+    i = name.rfind(".")
+    return name[i:] if 0 < i < len(name) - 1 else ""
+
+
+def _stem(name: str) -> str:
+    """``Path(name).stem`` of a bare file name."""
+    i = name.rfind(".")
+    return name[:i] if 0 < i < len(name) - 1 else name
+
+
+def _stat_members(root: Path, cand: Candidate, stats: dict[str, os.stat_result]) -> None:
+    """Size, newest mtime and fingerprint of ``cand`` from the walk's ``stats`` (relative path
+    -> the ``stat`` it took), stat-ing a member only when the walk has none."""
     h = hashlib.sha256()
     size, mtime = 0, 0.0
     for rel in sorted(cand.members):
-        st = os.stat(root / rel)
+        st = stats.get(rel) or os.stat(root / rel)
         size += st.st_size
         mtime = max(mtime, st.st_mtime)
         h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     cand.size, cand.mtime, cand.fingerprint = size, mtime, h.hexdigest()
 
 
-def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() == ".dcm":
+def _is_dicom(path: str) -> bool:
+    suffix = _suffix(os.path.basename(path))
+    if suffix.lower() == ".dcm":
         return True
-    if path.suffix:
+    if suffix:
         return False
     try:
         with open(path, "rb") as f:
@@ -105,7 +120,8 @@ def _nifti_stem(name: str) -> str | None:
 
 def folder_hint(rel: str) -> str | None:
     """Modality suggested by the folder names of ``rel`` (innermost first), or None."""
-    for part in reversed(Path(rel).parts[:-1] or Path(rel).parts):
+    parts = [p for p in rel.split("/") if p not in ("", ".")]  # Path(rel).parts, POSIX ``rel``
+    for part in reversed(parts[:-1] or parts):
         hit = FOLDER_HINTS.get(part.lower())
         if hit:
             return hit
@@ -143,47 +159,50 @@ def read_sidecar(csv_path: Path, root: Path) -> dict[str, dict[str, str]]:
     return out
 
 
-def _group_folder(root: Path, folder: Path, files: list[Path],
+def _group_folder(folder: str, rel_dir: str, names: list[str],
                   failures: list[tuple[str, str]]) -> list[Candidate]:
-    """Items of one folder's regular files."""
-    rel = lambda p: Path(os.path.relpath(p, root)).as_posix()
+    """Items of one folder's regular files (``names``, in name order); ``rel_dir`` is the
+    folder relative to the root (``""`` for the root itself)."""
+    rel = (lambda n: f"{rel_dir}/{n}") if rel_dir else (lambda n: n)
     out: list[Candidate] = []
-    used: set[Path] = set()
+    used: set[str] = set()
     # WFDB records: the header names the item, its signal files are members
-    for hea in (f for f in files if f.suffix.lower() == ".hea"):
-        members = [hea] + [f for f in files if f.stem == hea.stem and f != hea
-                           and f.suffix.lower() in WFDB_SIGNAL_SUFFIXES]
+    for hea in (n for n in names if _suffix(n).lower() == ".hea"):
+        stem = _stem(hea)
+        members = [hea] + [n for n in names if n != hea and _stem(n) == stem
+                           and _suffix(n).lower() in WFDB_SIGNAL_SUFFIXES]
         used.update(members)
         out.append(Candidate(rel(hea), "wfdb", [rel(m) for m in members]))
     # MRI study folder: t1/t2/flair/dwi NIfTI files
-    seqs = [f for f in files if _nifti_stem(f.name) in MRI_SEQUENCES]
-    if seqs and folder != root:
+    seqs = [n for n in names if _nifti_stem(n) in MRI_SEQUENCES]
+    if seqs and rel_dir:
         used.update(seqs)
-        out.append(Candidate(rel(folder), "mri_study", [rel(f) for f in seqs]))
+        out.append(Candidate(rel_dir, "mri_study", [rel(n) for n in seqs]))
     # DICOM: a folder holding one multi-file series is one item; single-file series are files
-    dicoms = [f for f in files if f not in used and _is_dicom(f)]
+    dicoms = [n for n in names if n not in used and _is_dicom(os.path.join(folder, n))]
     if len(dicoms) > 1:
-        groups: dict[str | None, list[Path]] = {}
-        for f in dicoms:
-            groups.setdefault(_series_uid(f), []).append(f)
+        groups: dict[str | None, list[str]] = {}
+        for n in dicoms:
+            groups.setdefault(_series_uid(os.path.join(folder, n)), []).append(n)
         multi = [g for uid, g in groups.items() if uid is not None and len(g) > 1]
-        if len(groups) == 1 and multi and folder != root:
+        if len(groups) == 1 and multi and rel_dir:
             used.update(dicoms)
-            out.append(Candidate(rel(folder), "dicom_series", [rel(f) for f in dicoms]))
+            out.append(Candidate(rel_dir, "dicom_series", [rel(n) for n in dicoms]))
         elif multi:
             for g in multi:
                 used.update(g)
                 failures.append((rel(g[0]), ("folder holds several multi-file DICOM series; "
                                              "put each series in its own folder")))
-    for f in files:
-        if f in used:
+    for n in names:
+        if n in used:
             continue
-        low = f.name.lower()
+        low = n.lower()
         if low in (SIDECAR, MANIFEST) or low.endswith(IGNORED_SUFFIXES):
             continue
-        if f.suffix.lower() in WFDB_SIGNAL_SUFFIXES and f.with_suffix(".hea").exists():
+        if (_suffix(n).lower() in WFDB_SIGNAL_SUFFIXES
+                and Path(folder, n).with_suffix(".hea").exists()):
             continue
-        out.append(Candidate(rel(f), "file", [rel(f)]))
+        out.append(Candidate(rel(n), "file", [rel(n)]))
     return out
 
 
@@ -193,67 +212,93 @@ def scan(root: str | os.PathLike, exclude: tuple[Path, ...] = ()) -> tuple[list[
     Hidden entries are skipped, as are the paths in ``exclude`` (the catalogue's own files).
     Symbolic links are followed only inside the root and never twice into the same folder.
 
+    The walk works on strings and on what :func:`os.scandir` already knows: the resolved path
+    of an entry that is not a link is its folder's resolved path plus its name, so only links
+    are resolved (an excluded path reached through a link, broken or not, is still skipped);
+    the ``stat`` that tells files from folders also gives the members' sizes and mtimes.
+
     Returns:
         ``(candidates, failures)``; a failure is ``(relative path, one-line error)``.
     """
     root = Path(root).resolve()
-    excluded = {Path(p).resolve() for p in exclude}
+    root_s = str(root)
+    excluded = {str(Path(p).resolve()) for p in exclude}
     candidates: list[Candidate] = []
     failures: list[tuple[str, str]] = []
     sidecars: dict[str, dict[str, str]] = {}
+    stats: dict[str, os.stat_result] = {}
     visited: set[tuple[int, int]] = set()
-    stack: list[Path] = [root]
+    # (path, path relative to the root, resolved path, its stat when already taken)
+    stack: list[tuple[str, str, str, os.stat_result | None]] = [(root_s, "", root_s, None)]
     while stack:
-        folder = stack.pop()
+        folder, rel_dir, real, st = stack.pop()
         try:
-            st = os.stat(folder)
+            st = st or os.stat(folder)
             if (st.st_dev, st.st_ino) in visited:
-                failures.append((Path(os.path.relpath(folder, root)).as_posix(),
-                                 "symbolic link loop (folder visited twice)"))
+                failures.append((rel_dir or ".", "symbolic link loop (folder visited twice)"))
                 continue
             visited.add((st.st_dev, st.st_ino))
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as e:
-            failures.append((Path(os.path.relpath(folder, root)).as_posix(),
-                             f"cannot read folder: {e.strerror or e}"))
+            failures.append((rel_dir or ".", f"cannot read folder: {e.strerror or e}"))
             continue
-        files: list[Path] = []
+        real_base = real if real.endswith(os.sep) else real + os.sep
+        names: list[str] = []
         for entry in entries:
-            path = Path(entry.path)
-            relp = Path(os.path.relpath(path, root)).as_posix()
-            if entry.name.startswith(".") or path.resolve() in excluded:
+            name = entry.name
+            if name.startswith("."):
+                continue
+            path = entry.path
+            relp = f"{rel_dir}/{name}" if rel_dir else name
+            try:
+                link = entry.is_symlink()
+            except OSError as e:
+                if os.path.realpath(path) not in excluded:
+                    failures.append((relp, f"cannot stat: {e.strerror or e}"))
+                continue
+            # the resolved path (Path.resolve's, without a syscall for an entry that is no link)
+            real_s = os.path.realpath(path) if link else real_base + name
+            if real_s in excluded:
                 continue
             try:
-                if entry.is_symlink():
-                    target = Path(os.path.realpath(path))
-                    if not target.exists():
+                if link:
+                    target = Path(real_s)
+                    if not target.exists():  # a missing target, or a loop of links
                         failures.append((relp, "broken symbolic link"))
                         continue
                     if target != root and root not in target.parents:
                         failures.append((relp, "symbolic link points outside the archive root"))
                         continue
-                mode = os.stat(path).st_mode
+                    est = os.stat(path)
+                else:
+                    est = entry.stat()
             except OSError as e:
                 failures.append((relp, f"cannot stat: {e.strerror or e}"))
                 continue
+            mode = est.st_mode
             if stat.S_ISDIR(mode):
-                stack.append(path)
+                stack.append((path, relp, real_s, est))
             elif stat.S_ISREG(mode):
-                if entry.name in (SIDECAR, MANIFEST):
-                    sidecars.update(read_sidecar(path, root))
-                files.append(path)
+                if name in (SIDECAR, MANIFEST):
+                    sidecars.update(read_sidecar(Path(path), root))
+                names.append(name)
+                stats[relp] = est
             else:
                 failures.append((relp, "not a regular file"))
-        candidates.extend(_group_folder(root, folder, files, failures))
+        candidates.extend(_group_folder(folder, rel_dir, names, failures))
     kept = []
+    hint_of: dict[str, str | None] = {}  # the folder hint depends on the folder alone
     for cand in candidates:
         try:
-            _stat_members(root, cand)
+            _stat_members(root, cand, stats)
         except OSError as e:
             failures.append((cand.rel, f"cannot stat: {e.strerror or e}"))
             continue
         hints = dict(sidecars.get(cand.rel, {}))
-        hint = folder_hint(cand.rel)
+        folder_key = cand.rel.rpartition("/")[0] or cand.rel
+        if folder_key not in hint_of:
+            hint_of[folder_key] = folder_hint(cand.rel)
+        hint = hint_of[folder_key]
         if "modality" not in hints and hint:
             hints["modality"] = hint
         if hints.get("modality") not in MODALITIES:

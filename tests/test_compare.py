@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 import yaml
@@ -56,10 +57,11 @@ def test_emcl_arm_has_a_paired_subset_and_steps_scale(tmp_path):
     assert cfg["teachers"]["cxr"]["steps"] == 8 and cfg["bind"]["steps"] == 4
 
 
-def test_image_only_arms_differ_only_in_feeding_the_withheld_items(tmp_path):
+@pytest.mark.parametrize("exp", ["cxr_vit_image_only", "cxr_vit_image_only_scarce", "cxr_vit_image_only_long"])
+def test_image_only_arms_differ_only_in_feeding_the_withheld_items(exp, tmp_path):
     base = yaml.safe_load(BASE_CONFIG.read_text())
-    io = run_config(base, "cxr_vit_image_only", "mmclip_image_only", 1, tmp_path)
-    none = run_config(base, "cxr_vit_image_only", "mmclip", 1, tmp_path)
+    io = run_config(base, exp, "mmclip_image_only", 1, tmp_path)
+    none = run_config(base, exp, "mmclip", 1, tmp_path)
     assert io["mmclip"]["image_only"] and not none["mmclip"]["image_only"]
     assert io["data"]["image_only_fraction"] == none["data"]["image_only_fraction"] > 0
     # same steps, batch and masked warm-up; the held-out MIM loss on the same (all) test images
@@ -71,6 +73,17 @@ def test_image_only_arms_differ_only_in_feeding_the_withheld_items(tmp_path):
     assert io["data"]["cohort"] == none["data"]["cohort"] == str(tmp_path / "cohort_s1_cxr1500")
     assert io["data"]["cache_dir"] == str(tmp_path / "cache_s1_cxr1500")
     assert run_config(base, "cxr_vit", "mmclip", 1, tmp_path)["data"]["cohort"] == str(tmp_path / "cohort_s1")
+
+
+def test_scarce_reports_reuse_the_image_only_cohorts_with_fewer_reports(tmp_path):
+    base = yaml.safe_load(BASE_CONFIG.read_text())
+    scarce = run_config(base, "cxr_vit_image_only_scarce", "mmclip_image_only", 3, tmp_path)
+    plenty = run_config(base, "cxr_vit_image_only", "mmclip_image_only", 3, tmp_path)
+    assert scarce["data"]["cohort"] == plenty["data"]["cohort"]  # same patients and images
+    assert scarce["data"]["generate_kwargs"] == plenty["data"]["generate_kwargs"]
+    assert scarce["data"]["image_only_fraction"] > plenty["data"]["image_only_fraction"]
+    assert scarce["mmclip"]["heldout_every"] > 0
+    assert scarce["mmclip"]["heldout_items"] == plenty["mmclip"]["heldout_items"]
 
 
 def test_mean_std_is_the_sample_std():
@@ -162,6 +175,40 @@ def test_summarize_and_render(tmp_path):
     attach(run, comp)
     assert "Options against the plain run" in (run / "report.md").read_text()
     assert render_markdown({"metrics": {}}).count("Options against") == 0
+
+
+def _fake_curve(run: Path, points: dict[int, float], other: float = 9.0, finished: bool = True) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    if finished:
+        (run / "report.json").write_text(json.dumps({"metrics": {}}))
+    rows = ["stage,step,time,name,value"]
+    for step, v in points.items():
+        rows += [f"pretrain_cxr,{step},0,mim_loss,{other}", f"pretrain_cxr,{step},0,heldout_mim_loss,{v}"]
+    (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_heldout_curves_average_the_steps_every_seed_logged(tmp_path):
+    from train.compare import heldout_curves, read_curve
+
+    exp = tmp_path / "cxr_vit_image_only"
+    _fake_curve(exp / "mmclip" / "s0", {10: 0.5, 20: 0.4, 30: 0.3})
+    _fake_curve(exp / "mmclip" / "s1", {10: 0.7, 20: 0.2})  # stopped early: step 30 is not common
+    _fake_curve(exp / "mmclip_image_only" / "s0", {10: 0.6, 20: 0.1})
+    (exp / "mmclip_image_only" / "s1").mkdir(parents=True)  # no metrics.csv: left out
+    _fake_curve(exp / "mmclip_image_only" / "s2", {10: 0.3, 20: 0.2}, finished=False)  # still running
+    assert read_curve(exp / "mmclip" / "s0" / "metrics.csv") == {10: 0.5, 20: 0.4, 30: 0.3}
+    assert read_curve(exp / "mmclip" / "s0" / "metrics.csv", "mim_loss") == {10: 9.0, 20: 9.0, 30: 9.0}
+    curves = heldout_curves(tmp_path, [0, 1, 2])
+    assert list(curves) == ["cxr_vit_image_only"]
+    c = curves["cxr_vit_image_only"]["mmclip"]
+    assert c["steps"] == [10, 20] and c["per_seed"] == {0: [0.5, 0.4], 1: [0.7, 0.2]}
+    assert c["mean"] == pytest.approx([0.6, 0.3])
+    assert c["std"] == pytest.approx([statistics.stdev([0.5, 0.7]), statistics.stdev([0.4, 0.2])])
+    io = curves["cxr_vit_image_only"]["mmclip_image_only"]
+    assert io["per_seed"] == {0: [0.6, 0.1]} and io["std"] == [0.0, 0.0]
+    write_summary(tmp_path, [0, 1])
+    assert (tmp_path / "heldout_mim_curves.png").stat().st_size > 1000
+    assert "heldout_mim_curves.png" in (tmp_path / "comparison.md").read_text()
 
 
 def test_metrics_name_known_experiments():

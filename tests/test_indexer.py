@@ -97,6 +97,40 @@ def test_scan_records_links_out_of_root_loops_and_special_files(tmp_path):
     assert "regular" in errors["pipe"]
 
 
+def test_scan_skips_excluded_paths_through_links_and_reports_link_loops(tmp_path):
+    """The walk resolves only links: an excluded path is skipped whether it is reached directly,
+    through a link or through a broken link (the catalogue's ``-wal`` before it exists); a loop
+    of file links is a failure, not a crash (``Path.resolve`` raised RuntimeError on it)."""
+    root = tmp_path / "a"
+    write_png(root / "cxr" / "x.png", 0)
+    db = root / "cat.db"
+    db.write_bytes(b"")
+    (root / "cat.db.index").mkdir()
+    (root / "cat.db.index" / "cxr.m3idx").write_bytes(b"")
+    (root / "sub").mkdir()
+    (root / "sub" / "to_db").symlink_to(db)
+    (root / "sub" / "to_wal").symlink_to(root / "cat.db-wal")  # broken, and excluded
+    (root / "sub" / "to_index").symlink_to(root / "cat.db.index")
+    (root / "sub" / "gone.png").symlink_to(root / "missing.png")  # broken, not excluded
+    (root / "sub" / "loop1").symlink_to(root / "sub" / "loop2")
+    (root / "sub" / "loop2").symlink_to(root / "sub" / "loop1")
+    (root / "viadir").symlink_to(root / "cxr")  # the same folder twice: the second is a loop
+    exclude = (db, Path(f"{db}-wal"), root / "cat.db.index")
+    cands, fails = scan(root, exclude=exclude)
+    assert [c.rel for c in cands] == ["viadir/x.png"]  # "viadir" sorts after "cxr": popped first
+    assert dict(fails) == {"sub/gone.png": "broken symbolic link",
+                           "sub/loop1": "broken symbolic link", "sub/loop2": "broken symbolic link",
+                           "cxr": "symbolic link loop (folder visited twice)"}
+    _, fails = scan(root)  # without the exclusions the catalogue's files are walked
+    assert dict(fails)["sub/to_wal"] == "broken symbolic link"
+    assert "sub/to_db" in {c.rel for c in scan(root)[0]}
+    import hashlib
+
+    st = (root / "cxr" / "x.png").stat()  # the walk's stat gives size, mtime and fingerprint
+    want = hashlib.sha256(f"viadir/x.png\0{st.st_size}\0{st.st_mtime_ns}\n".encode()).hexdigest()
+    assert (cands[0].size, cands[0].mtime, cands[0].fingerprint) == (st.st_size, st.st_mtime, want)
+
+
 def test_folder_hints_and_wfdb_comment_links(tmp_path):
     assert folder_hint("data/Fundus/img.png") == "retina"
     assert folder_hint("x/ECG/rec.hea") == "ecg"
@@ -383,6 +417,12 @@ def test_two_models_share_a_catalogue_and_the_catalogue_may_sit_in_the_root(tmp_
     faiss_consistent(cat, "m-one")
     faiss_consistent(cat, "m-two")
     assert cat.vector_index("cxr", "m-two").dim == 6
+    from m3bind.modalities import MODALITIES  # the run's one-query states equal the per-index ones
+
+    for key in ("m-one", "m-two", "m-none"):
+        each = {m: cat.embedding_state(m, key) for m in MODALITIES}
+        assert cat.embedding_states(key) == {m: st for m, st in each.items() if st[0]}
+    assert len(cat.vector_index("ecg", "m-one", state=(0, 0))) == 0
     with cat.session() as s:
         assert all(p.startswith("cxr/") for p in s.scalars(select(Item.path)))
 
@@ -445,6 +485,78 @@ def test_zero_shot_scores_copies_over_indexed_paths_and_files_turned_junk(tmp_pa
         assert list(s.scalars(select(Failure.path))) == ["cxr/002.png"]
     assert counts(cat)["embeddings"] == 2
     faiss_consistent(cat, model.model_id)
+
+
+def test_label_embeddings_cached_per_model_and_prompts(tiny_model, tmp_path, monkeypatch):
+    """The zero-shot label embeddings are read back from the catalogue folder only for the same
+    model and prompts: the cached rows equal a fresh ``label_embeddings``; another prompt list,
+    another label list or changed weights are embedded afresh; a damaged file is recomputed;
+    an indexing run stores the same label scores with the cache as without it."""
+    import copy
+
+    import torch
+
+    from data_registry import indexer
+    from m3bind import zeroshot
+    from m3bind.modalities import get_spec
+
+    labels = list(get_spec("cxr").labels)
+    calls = []
+    real = zeroshot.label_embeddings
+
+    def counted(*a, **k):
+        calls.append(a[1])
+        return real(*a, **k)
+
+    monkeypatch.setattr(zeroshot, "label_embeddings", counted)
+    folder = tmp_path / "idx"
+    first = indexer.label_vectors(tiny_model, "cxr", labels, folder)
+    assert np.array_equal(first, np.asarray(real(tiny_model, "cxr", labels), np.float32))
+    assert np.array_equal(indexer.label_vectors(tiny_model, "cxr", labels, folder), first)
+    assert len(calls) == 1 and len(list(folder.glob("labels--cxr--*.npy"))) == 1
+    indexer.label_vectors(tiny_model, "cxr", labels[:3], folder)  # another label list
+    assert len(calls) == 2
+    prompts = zeroshot.label_prompts
+    monkeypatch.setattr(zeroshot, "label_prompts",  # another prompt list (one more template)
+                        lambda m, ls, *a, **k: {x: [*p, f"an image with {x}"]
+                                                for x, p in prompts(m, ls, *a, **k).items()})
+    changed = indexer.label_vectors(tiny_model, "cxr", labels, folder)
+    assert len(calls) == 3 and not np.array_equal(changed, first)
+    monkeypatch.setattr(zeroshot, "label_prompts", prompts)
+    other = copy.deepcopy(tiny_model)  # another model: text weights changed, so its model_id
+    other._model_id = None
+    with torch.no_grad():
+        next(iter(other.text_encoders[other.text_key("cxr")].parameters())).add_(0.5)
+    assert other.model_id != tiny_model.model_id
+    theirs = indexer.label_vectors(other, "cxr", labels, folder)
+    assert len(calls) == 4 and not np.array_equal(theirs, first)
+    assert np.array_equal(indexer.label_vectors(tiny_model, "cxr", labels, folder), first)
+    assert len(calls) == 4  # the first model's file is still there
+    for f in folder.glob("labels--cxr--*.npy"):
+        f.write_bytes(b"\x93NUMPY garbage")
+    assert np.array_equal(indexer.label_vectors(tiny_model, "cxr", labels, folder), first)
+    assert len(calls) == 5
+
+    root = tmp_path / "a"
+    for k in range(3):
+        write_png(root / "cxr" / f"p{k}.png", k)
+
+    def scores(db):  # a new catalogue each time, its index folder shared
+        cat = Catalog(tmp_path / db, index_dir=tmp_path / "shared")
+        index_archive(root, cat, tiny_model, workers=0)
+        with cat.session() as s:
+            return sorted(s.execute(select(Item.path, ZeroShotLabel.label, ZeroShotLabel.score)
+                                    .join(Item, Item.id == ZeroShotLabel.item_id)).tuples().all())
+
+    calls.clear()
+    digest = indexer._label_digest
+    monkeypatch.setattr(indexer, "_label_digest", lambda *a: None)  # the path without a cache
+    uncached = scores("u.db")
+    assert calls == ["cxr"]
+    monkeypatch.setattr(indexer, "_label_digest", digest)
+    assert scores("c1.db") == uncached and calls == ["cxr", "cxr"]  # embedded, cached
+    assert scores("c2.db") == uncached and calls == ["cxr", "cxr"]  # read back
+    assert len(uncached) == 3 * len(labels)
 
 
 def test_decoder_workers_import_neither_sqlalchemy_nor_torch():

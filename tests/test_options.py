@@ -279,6 +279,49 @@ def test_stage0_feeds_image_only_items_only_when_asked(use_image_only, monkeypat
     assert out["mmclip"]["image_only_items"] == (8 if use_image_only else 0)
 
 
+def test_heldout_curve_is_logged_and_leaves_training_unchanged(monkeypatch, tmp_path):
+    import csv
+
+    from train import options
+    from train.config import RuntimeConfig
+    from train.distributed import DistInfo
+    from train.stages.common import MetricsLog, Runtime
+
+    g = torch.Generator().manual_seed(0)
+    x_test = torch.randn(5, 1, 32, 32, generator=g)
+    monkeypatch.setattr(options, "heldout_images", lambda cfg, m, params, rt, n: x_test[:n])
+    mk = lambda n, tag: ModalityData(modality="cxr", x=torch.randn(n, 1, 32, 32, generator=g),
+                                     reports=[f"Finding {tag}{i}: pleural effusion." for i in range(n)],
+                                     labels=["a"] * n, item_ids=[f"{tag}{i}" for i in range(n)], pair_ids=[])
+    paired, image_only = mk(8, "p"), mk(8, "i")
+
+    def run(every: int, out: Path):
+        cfg = from_dict(TrainConfig, {"data": {"modalities": ["cxr"], "image_only_fraction": 0.5},
+                                      "mmclip": {"modalities": ["cxr"], "patch_size": 8, "decoder_dim": 16,
+                                                 "decoder_depth": 1, "text_decoder_dim": 16,
+                                                 "text_decoder_depth": 1, "warmup_steps": 2, "heldout_items": 5,
+                                                 "heldout_every": every},
+                                      "teachers": {"cxr": {"steps": 5, "batch_size": 4, "warmup_steps": 1}}})
+        torch.manual_seed(123)  # the teacher's init
+        teacher = _vit_teacher()
+        rt = Runtime(RuntimeConfig(device="cpu", progress=False, ckpt_every=100, log_every=1), DistInfo(), out)
+        summary = options.pretrain_teacher_with_options(cfg, "cxr", teacher, paired, image_only, {"size": 32}, rt,
+                                                        MetricsLog(out / "m.csv", True))
+        with (out / "m.csv").open() as f:
+            curve = {int(r["step"]): float(r["value"]) for r in csv.DictReader(f) if r["name"] == "heldout_mim_loss"}
+        return summary, teacher.state_dict(), curve
+
+    plain, w_plain, curve_plain = run(0, tmp_path / "a")
+    timed, w_timed, curve = run(2, tmp_path / "b")
+    # scoring the held-out images on the way changes nothing in training
+    assert plain["last"] == timed["last"] and plain["mmclip"] == timed["mmclip"]
+    assert all(torch.equal(w_plain[k], w_timed[k]) for k in w_plain)
+    # a point every 2 steps and the final score, which is the summary's
+    assert sorted(curve) == [2, 4, 5] and sorted(curve_plain) == [5]
+    assert math.isclose(curve[5], timed["mmclip"]["heldout_mim_loss"], rel_tol=1e-5)
+    assert curve[2] != curve[4]  # the model moved between the points
+
+
 def test_heldout_masks_are_fixed_random_and_sized_like_training():
     from train.options import heldout_mask_count, heldout_masks
 

@@ -212,6 +212,11 @@ def test_check_confined_compares_whole_path_components(tmp_path):
     check_confined(root / "sub" / "f.png", [root, sibling])
     check_confined(root / "sub" / "f.png", ["/"])
     check_confined(root / "sub" / "f.png", [str(root) + "/../archive2/"])  # realpath'd roots
+    real = os.path.realpath(root)  # roots resolved by the caller (the indexer, once a run)
+    with pytest.raises(UnsupportedFormat, match="outside the archive"):
+        check_confined(root / "sub" / "f.png", [real], roots_resolved=True)
+    check_confined(root / "ok" / "ok.png", [real], roots_resolved=True)
+    check_confined(root / "sub" / "f.png", [real, os.path.realpath(sibling)], roots_resolved=True)
 
 
 def test_wfdb_file_listing_without_rdheader_equals_rdheader(tmp_path, monkeypatch):

@@ -12,7 +12,9 @@ metrics of :data:`COMPARISONS` and writes ``<out>/comparison.json`` (per metric 
 values per seed, mean, sample std; per metric the paired option − reference differences over
 seeds: mean, sample std, sign counts and a two-sided paired t-test with its 95% interval, see
 :func:`paired_test`) and ``<out>/comparison.md`` (the table of
-``train.report.render_comparison``, then the paired tests of :func:`render_paired_tests`).
+``train.report.render_comparison``, then the paired tests of :func:`render_paired_tests`), and,
+where runs logged a held-out MIM curve (``mmclip.heldout_every``), ``<out>/heldout_mim_curves.png``
+(:func:`heldout_curves`, ``train.plots.heldout_curve_plot``).
 ``train.report.render_markdown`` appends the former table to a run's report.md when the report
 dict holds it under ``options_comparison``.
 
@@ -63,6 +65,18 @@ IMAGE_ONLY_BASE = {**STAGE0_ONLY,
                    "teachers": {"cxr": {**VIT_CXR, "steps": 64, "warmup_steps": 6}},
                    "data": {**IMAGE_ONLY_COHORT, "image_only_fraction": 0.75}}
 IMAGE_ONLY_MMCLIP = {**MMCLIP, "text_decoder_dim": 32, "warmup_steps": 16, "heldout_items": 200}
+#: Scarce reports (``cxr_vit_image_only_scarce``): the same cohorts with 95% of the training reports
+#: withheld (about 10-17 pairs, 12-19 image-only items per pair), 8 pairs a step (the option adds
+#: about 100 image-only items to each step's MIM batch) and 256 steps, the held-out MIM loss
+#: measured every 32 steps (a learning curve).
+SCARCE_BASE = {**STAGE0_ONLY,
+               "teachers": {"cxr": {**VIT_CXR, "steps": 256, "warmup_steps": 6, "batch_size": 8}},
+               "data": {**IMAGE_ONLY_COHORT, "image_only_fraction": 0.95}}
+SCARCE_MMCLIP = {**IMAGE_ONLY_MMCLIP, "heldout_every": 32}
+#: A longer schedule (``cxr_vit_image_only_long``): the 75% set-up of ``cxr_vit_image_only`` over
+#: 384 steps instead of 64, the held-out MIM loss every 32 steps.
+LONG_BASE = {**STAGE0_ONLY, "teachers": {"cxr": {**VIT_CXR, "steps": 384, "warmup_steps": 6}},
+             "data": {**IMAGE_ONLY_COHORT, "image_only_fraction": 0.75}}
 
 
 @dataclass
@@ -95,6 +109,14 @@ EXPERIMENTS: dict[str, Experiment] = {
         "mmclip": {"mmclip": {**IMAGE_ONLY_MMCLIP, "image_only": False}},
         "mmclip_image_only": {"mmclip": {**IMAGE_ONLY_MMCLIP, "image_only": True}},
     }, base=IMAGE_ONLY_BASE, cohort="cxr1500"),
+    "cxr_vit_image_only_scarce": Experiment(["cxr"], {
+        "mmclip": {"mmclip": {**SCARCE_MMCLIP, "image_only": False}},
+        "mmclip_image_only": {"mmclip": {**SCARCE_MMCLIP, "image_only": True}},
+    }, base=SCARCE_BASE, cohort="cxr1500"),
+    "cxr_vit_image_only_long": Experiment(["cxr"], {
+        "mmclip": {"mmclip": {**SCARCE_MMCLIP, "image_only": False}},
+        "mmclip_image_only": {"mmclip": {**SCARCE_MMCLIP, "image_only": True}},
+    }, base=LONG_BASE, cohort="cxr1500"),
     "mri": Experiment(["mri"], {
         "plain": {},
         "selip": {"selip": {"modalities": ["mri"], "alpha": 1.0, "beta": 1.0}},
@@ -140,6 +162,7 @@ METRICS["cxr_vit_image_only"] = [
     *METRICS["cxr_vit"][1:],
     ("cxr R@10 (zoo)", ("report", "zoo", "cxr", "retrieval", "R@10")),
 ]
+METRICS["cxr_vit_image_only_scarce"] = METRICS["cxr_vit_image_only_long"] = METRICS["cxr_vit_image_only"]
 
 #: (comparison name, experiment, option arm, reference arm).
 COMPARISONS: list[tuple[str, str, str, str]] = [
@@ -148,6 +171,10 @@ COMPARISONS: list[tuple[str, str, str, str]] = [
     ("MMCLIP AttMIM + EntMLM vs plain CLIP (stage 0, ViT)", "cxr_vit", "mmclip", "plain"),
     ("MMCLIP image-only items vs none (75% of reports withheld; held-out MIM under fixed random masks)",
      "cxr_vit_image_only", "mmclip_image_only", "mmclip"),
+    ("MMCLIP image-only items vs none, scarce reports (95% withheld, 256 steps; held-out MIM under fixed masks)",
+     "cxr_vit_image_only_scarce", "mmclip_image_only", "mmclip"),
+    ("MMCLIP image-only items vs none, longer schedule (75% withheld, 384 steps; held-out MIM under fixed masks)",
+     "cxr_vit_image_only_long", "mmclip_image_only", "mmclip"),
     ("SeLIP soft targets vs plain CLIP (stage 0)", "mri", "selip", "plain"),
 ]
 
@@ -283,6 +310,40 @@ def paired_test(diffs: Sequence[float], level: float = 0.95) -> dict[str, Any]:
     return res
 
 
+def read_curve(metrics_csv: Path, name: str = "heldout_mim_loss") -> dict[int, float]:
+    """``{step: value}`` of one logged quantity in a run's ``metrics.csv`` (the last row of a
+    step wins: a resumed run may log a step twice); empty when the file or the name is absent."""
+    import csv
+
+    if not metrics_csv.is_file():
+        return {}
+    with metrics_csv.open(newline="") as f:
+        return {int(r["step"]): float(r["value"]) for r in csv.DictReader(f) if r["name"] == name}
+
+
+def heldout_curves(out: Path, seeds: Sequence[int]) -> dict[str, dict[str, Any]]:
+    """Per experiment and arm, the held-out MIM loss against the step (``mmclip.heldout_every``):
+    ``{"steps", "per_seed": {seed: [value per step]}, "mean", "std"}`` over the steps that every
+    finished seed (its ``report.json`` exists) logged; experiments and arms without curves are
+    left out."""
+    curves: dict[str, dict[str, Any]] = {}
+    for exp, e in EXPERIMENTS.items():
+        for arm in e.arms:
+            runs = {s: out / exp / arm / f"s{s}" for s in seeds}
+            got = {s: c for s, d in runs.items()
+                   if (d / "report.json").is_file() and (c := read_curve(d / "metrics.csv"))}
+            if not got:
+                continue
+            steps = sorted(set.intersection(*(set(c) for c in got.values())))
+            if len(steps) < 2:
+                continue
+            per_seed = {s: [c[k] for k in steps] for s, c in got.items()}
+            stats_ = [mean_std(v[i] for v in per_seed.values()) for i in range(len(steps))]
+            curves.setdefault(exp, {})[arm] = {"steps": steps, "per_seed": per_seed,
+                                               "mean": [m for m, _ in stats_], "std": [sd for _, sd in stats_]}
+    return curves
+
+
 def summarize(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
     """The comparison dict (see module docstring) from the finished runs under ``out``."""
     comparisons = []
@@ -307,7 +368,7 @@ def summarize(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
     return {"simulated": True, "seeds": list(seeds), "base_config": str(BASE_CONFIG.relative_to(ROOT)),
             "experiments": {k: {"modalities": e.modalities, "arms": e.arms, "base": e.base, "cohort": e.cohort}
                             for k, e in EXPERIMENTS.items()},
-            "comparisons": comparisons}
+            "comparisons": comparisons, "curves": heldout_curves(out, seeds)}
 
 
 def render_paired_tests(comparison: Mapping[str, Any]) -> str:
@@ -343,9 +404,14 @@ def write_summary(out: Path, seeds: Sequence[int]) -> dict[str, Any]:
     table, then :func:`render_paired_tests`) under ``out``."""
     from train.report import render_comparison
 
+    from train.plots import heldout_curve_plot
+
     comp = summarize(out, seeds)
     (out / "comparison.json").write_text(json.dumps(comp, indent=2, sort_keys=False))
-    (out / "comparison.md").write_text(render_comparison(comp) + "\n" + render_paired_tests(comp))
+    md = render_comparison(comp) + "\n" + render_paired_tests(comp)
+    if heldout_curve_plot(comp["curves"], out / "heldout_mim_curves.png"):
+        md += "\n![held-out MIM loss against the step](heldout_mim_curves.png)\n"
+    (out / "comparison.md").write_text(md)
     return comp
 
 

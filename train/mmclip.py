@@ -97,6 +97,11 @@ class MMCLIPConfig:
         default=64,
         metadata={"help": "test-split images on which the MIM loss is measured after stage 0 (0 = skip)"},
     )
+    heldout_every: int = field(
+        default=0,
+        metadata={"help": "also measure the held-out MIM loss every this many steps (a learning curve "
+                          "in metrics.csv as heldout_mim_loss; 0 = only after stage 0)"},
+    )
 
     def __post_init__(self):
         for name in ("lambda1", "lambda3"):
@@ -108,8 +113,8 @@ class MMCLIPConfig:
             raise ValueError("mmclip: patch_size, decoder_dim and decoder_depth must be >= 1")
         if self.text_decoder_dim < 1 or self.text_decoder_depth < 1:
             raise ValueError("mmclip: text_decoder_dim and text_decoder_depth must be >= 1")
-        if not self.modalities or self.heldout_items < 0:
-            raise ValueError("mmclip: modalities must not be empty and heldout_items >= 0")
+        if not self.modalities or self.heldout_items < 0 or self.heldout_every < 0:
+            raise ValueError("mmclip: modalities must not be empty, heldout_items and heldout_every >= 0")
         if self.mim_weight < 0 or self.mlm_weight < 0 or self.warmup_steps < 0:
             raise ValueError("mmclip: weights and warmup_steps must be >= 0")
 

@@ -362,17 +362,27 @@ def pretrain_teacher_with_options(cfg: TrainConfig, modality: str, teacher: Moda
         terms.update(text_loss(img, encode_text(texts), texts, teacher.scale()))
         return terms
 
-    summary = train_loop(name, rt, modules, optimizer, tcfg.steps, tcfg.warmup_steps, step_fn, metrics)
+    x_heldout = (heldout_images(cfg, modality, params, rt, cfg.mmclip.heldout_items)
+                 if masked is not None and cfg.mmclip.heldout_items else None)
+    every = cfg.mmclip.heldout_every if x_heldout is not None else 0
+
+    def heldout_curve(step: int) -> dict[str, float]:
+        if not every or step % every or step == tcfg.steps:  # the last step is scored below
+            return {}
+        return {"heldout_mim_loss": masked.heldout_mim(x_heldout, rt.seed("heldout_mim"))["loss"]}
+
+    summary = train_loop(name, rt, modules, optimizer, tcfg.steps, tcfg.warmup_steps, step_fn, metrics,
+                         after_step=heldout_curve)
     summary["objective"] = objective + (" + mmclip" if masked is not None else "")
     if masked is not None:
         info: dict[str, Any] = {"image_only_items": len(image_only) if use_io else 0}
-        if cfg.mmclip.heldout_items:
-            x = heldout_images(cfg, modality, params, rt, cfg.mmclip.heldout_items)
-            mim = masked.heldout_mim(x, rt.seed("heldout_mim"))
-            info.update(heldout_items=len(x), heldout_mim_loss=round(mim["loss"], 6),
+        if x_heldout is not None:
+            mim = masked.heldout_mim(x_heldout, rt.seed("heldout_mim"))
+            info.update(heldout_items=len(x_heldout), heldout_mim_loss=round(mim["loss"], 6),
                         heldout_mim_baseline=round(mim["baseline"], 6), heldout_mask_ratio=mim["mask_ratio"])
+            metrics.write(name, tcfg.steps, {"heldout_mim_loss": mim["loss"]})
             log.info("pretrain %s: held-out MIM loss %.5f on %d test images (fixed random masks, ratio %.3f; "
-                     "visible-mean baseline %.5f)", modality, mim["loss"], len(x), mim["mask_ratio"],
+                     "visible-mean baseline %.5f)", modality, mim["loss"], len(x_heldout), mim["mask_ratio"],
                      mim["baseline"])
         summary["mmclip"] = info
     teacher.eval()

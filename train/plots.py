@@ -6,7 +6,9 @@
   patient's primary condition (as MEDBind Fig. 2);
 * ``confusion_<stage>.png`` — zero-shot confusion matrices per modality, rows normalised;
 * ``cross_modal.png`` — class-level precision@10 of every modality pair per stage, with the
-  chance level subtracted.
+  chance level subtracted;
+* ``heldout_mim_curves.png`` (``train.compare``) — held-out MIM loss against the training step,
+  one line per arm (mean, ± 1 std band over seeds), one panel per experiment.
 
 Every title says when the data are simulated.
 """
@@ -276,3 +278,32 @@ def make_all(report: dict, confusions: dict[str, dict[str, np.ndarray]],
             if tsne_plot(emb, mods, conds, stage, report, p, cfg.seed, cfg.tsne_max_points):
                 made[f"tsne_{stage}"] = _rel(p)
     return made
+
+
+def heldout_curve_plot(curves: dict[str, dict[str, Any]], path: Path, simulated: bool = True) -> bool:
+    """Held-out MIM loss against the step per arm (``train.compare.heldout_curves``); False when
+    there is nothing to plot."""
+    exps = [e for e, arms in curves.items() if arms]
+    if not exps:
+        return False
+    rows, cols = _grid(len(exps), max_cols=2)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
+    for ax, exp in zip(axes.flat, exps):
+        for i, (arm, c) in enumerate(curves[exp].items()):
+            steps, mean, std = (np.asarray(c[k], dtype=float) for k in ("steps", "mean", "std"))
+            ax.plot(steps, mean, "o-", ms=3, color=f"C{i}", label=f"{arm} (n={len(c['per_seed'])})")
+            ax.fill_between(steps, mean - std, mean + std, color=f"C{i}", alpha=0.18)
+        ax.set_title(exp)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("held-out MIM loss (fixed masks)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(exps):]:
+        ax.axis("off")
+    fig.suptitle("Held-out MIM loss during stage 0 (mean ± 1 std over seeds)"
+                 + (" (simulated data)" if simulated else ""))
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+

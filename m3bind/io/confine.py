@@ -119,13 +119,20 @@ def _inside(real: str, roots: list[str]) -> bool:
                for r in roots)
 
 
-def check_confined(path: str | os.PathLike, roots: Iterable[str | os.PathLike]) -> None:
+def check_confined(path: str | os.PathLike, roots: Iterable[str | os.PathLike], *,
+                   roots_resolved: bool = False) -> None:
     """Refuse an item any of whose files resolves (through links or ``..``) outside ``roots``.
+
+    Args:
+        path: The item (file or folder).
+        roots: The allowed folders.
+        roots_resolved: ``roots`` are already :func:`os.path.realpath` results (the indexer
+            resolves its root once instead of once an item).
 
     Raises:
         UnsupportedFormat: Naming the first file outside (relative to the item when it can).
     """
-    resolved = [os.path.realpath(r) for r in roots]
+    resolved = [os.fspath(r) for r in roots] if roots_resolved else [os.path.realpath(r) for r in roots]
     p = Path(path)
     for f in item_files(p):
         if not _inside(os.path.realpath(f), resolved):

@@ -176,7 +176,8 @@ def _maybe_kill(name: str, step: int) -> None:
 
 def train_loop(name: str, rt: Runtime, modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer,
                total: int, warmup: int, step_fn: Callable[[int], Mapping[str, torch.Tensor]],
-               metrics: MetricsLog, start_step: int = 0, state: dict | None = None) -> dict:
+               metrics: MetricsLog, start_step: int = 0, state: dict | None = None,
+               after_step: Callable[[int], Mapping[str, float]] | None = None) -> dict:
     """Run ``step_fn`` from the latest checkpoint of ``name`` (or ``start_step``) to ``total``.
 
     Args:
@@ -190,6 +191,9 @@ def train_loop(name: str, rt: Runtime, modules: Mapping[str, nn.Module], optimiz
         metrics: Metrics log.
         start_step: First step when no checkpoint exists.
         state: Extra JSON state to checkpoint (updated in place from a checkpoint).
+        after_step: Called with the step count after each optimizer step (outside autocast, the
+            modules in train mode); the values it returns, if any, go to the metrics log at that
+            step (a held-out curve). It must not draw from the global RNG.
 
     Returns:
         Summary ``{"steps", "skipped_steps", "last": {term: value}, "seconds"}``.
@@ -249,6 +253,9 @@ def train_loop(name: str, rt: Runtime, modules: Mapping[str, nn.Module], optimiz
             vals["skipped_steps"] = skipped
             metrics.write(name, step, vals)
             bar.set_postfix({k: f"{v:.3g}" for k, v in vals.items() if k.endswith("_loss")})
+        extra = after_step(step) if after_step is not None else None
+        if extra:
+            metrics.write(name, step, extra)
         if rt.dist.is_main and (step % rt.cfg.ckpt_every == 0 or step == total):
             save_checkpoint(stage_dir, step, {k: changing_state(m) for k, m in modules.items()},
                             {"skipped_steps": skipped, "extra": state},
