@@ -381,21 +381,17 @@ class Catalog:
 
     def embedding_state(self, modality: str, model_key: str) -> tuple[int, int]:
         """``(count, sum of ids)`` of the embeddings of one index — the FAISS staleness check."""
-        with self.session() as s:
-            n, total = s.execute(
-                select(func.count(Embedding.id), func.coalesce(func.sum(Embedding.id), 0))
-                .where(Embedding.model_key == model_key, Embedding.modality == modality)
-            ).one()
-        return int(n), int(total)
+        return self.embedding_states(model_key, modality).get(modality, (0, 0))
 
-    def embedding_states(self, model_key: str) -> dict[str, tuple[int, int]]:
-        """:meth:`embedding_state` of every modality that has embeddings of ``model_key``,
-        in one query (an indexing run checks all six indices before it starts)."""
+    def embedding_states(self, model_key: str, modality: str | None = None) -> dict[str, tuple[int, int]]:
+        """:meth:`embedding_state` of every modality (or only ``modality``) that has embeddings
+        of ``model_key``, in one query (an indexing run checks all six indices before it starts)."""
+        query = (select(Embedding.modality, func.count(Embedding.id), func.coalesce(func.sum(Embedding.id), 0))
+                 .where(Embedding.model_key == model_key))
+        if modality is not None:
+            query = query.where(Embedding.modality == modality)
         with self.session() as s:
-            rows = s.execute(
-                select(Embedding.modality, func.count(Embedding.id),
-                       func.coalesce(func.sum(Embedding.id), 0))
-                .where(Embedding.model_key == model_key).group_by(Embedding.modality)).all()
+            rows = s.execute(query.group_by(Embedding.modality)).all()
         return {m: (int(n), int(total)) for m, n, total in rows}
 
     def load_vectors(self, modality: str, model_key: str,

@@ -422,6 +422,9 @@ def test_two_models_share_a_catalogue_and_the_catalogue_may_sit_in_the_root(tmp_
     for key in ("m-one", "m-two", "m-none"):
         each = {m: cat.embedding_state(m, key) for m in MODALITIES}
         assert cat.embedding_states(key) == {m: st for m, st in each.items() if st[0]}
+        for m, st in each.items():  # against the stored rows themselves
+            _, ids = cat.load_vectors(m, key)
+            assert st == (len(ids), int(ids.sum()))
     assert len(cat.vector_index("ecg", "m-one", state=(0, 0))) == 0
     with cat.session() as s:
         assert all(p.startswith("cxr/") for p in s.scalars(select(Item.path)))
