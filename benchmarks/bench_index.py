@@ -17,7 +17,12 @@ workers, least of the runs), which a loaded machine's scheduler distorts less.
 ``paired_ratio_median`` / ``paired_cpu_ratio_median`` take each repetition's indexer run against
 the limit run just before it and report the median over repetitions: on a virtual machine whose
 speed drifts between runs, a best-of ratio compares the luckiest run of one arm with the
-luckiest of the other, while a paired median compares runs made under the same conditions. ``--memory-sizes`` also runs
+luckiest of the other, while a paired median compares runs made under the same conditions;
+``mean_cpu_ratio`` is the ratio of the arms' mean CPU-s over all repetitions.
+Every run starts after an (untimed) full garbage collection, so that neither arm pays for a
+collection the other's garbage set off, and the limit runs with the objects that existed before
+it frozen, as the indexer runs (:func:`gc.freeze`; a full collection over a loaded model's
+objects costs about 0.5 CPU-s here). ``--memory-sizes`` also runs
 the indexer in a fresh subprocess on archives of two sizes and records its peak resident
 memory (and that of its largest decoder process), which must not grow with the archive.
 The model is the tiny random model of :mod:`m3bind.testing` unless ``--model`` names a model
@@ -31,6 +36,7 @@ Writes ``benchmarks/results/bench_index.json`` (``--out``).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -77,6 +83,8 @@ def limit_run(root: Path, model, batch_size: int) -> tuple[int, float, dict]:
     from m3bind.io import load
 
     cands, _ = scan(root)
+    gc.collect()  # untimed: each run of either arm starts from the same collector state
+    gc.freeze()  # as the indexer does during a run: no full collections over the model's objects
     c0 = _cpu()
     t0 = time.perf_counter()
     decode = embed = 0.0
@@ -93,8 +101,10 @@ def limit_run(root: Path, model, batch_size: int) -> tuple[int, float, dict]:
             embed += time.perf_counter() - t
             n += len(batch)
             batch = []
-    return n, time.perf_counter() - t0, {"decode_s": round(decode, 2), "embed_s": round(embed, 2),
-                                         "cpu_s": round(_cpu() - c0, 3)}
+    seconds, cpu = time.perf_counter() - t0, _cpu() - c0
+    gc.unfreeze()
+    return n, seconds, {"decode_s": round(decode, 2), "embed_s": round(embed, 2),
+                        "cpu_s": round(cpu, 3)}
 
 
 def index_run(root: Path, db: Path, model, workers: int, batch_size: int,
@@ -116,6 +126,7 @@ def index_run(root: Path, db: Path, model, workers: int, batch_size: int,
     else:
         shutil.rmtree(index_dir, ignore_errors=True)  # else the last run's index is "stale"
     cat = Catalog(db)
+    gc.collect()
     c0 = _cpu()
     t = time.perf_counter()
     r = index_archive(root, cat, model, workers=workers, batch_size=batch_size, progress=False)
@@ -241,7 +252,9 @@ def main() -> None:
                 "cpu_s": round(cpu, 3), "cpu_ratio": round(lim_cpu / cpu, 3),
                 "all_cpu_s": [round(r[2], 3) for r in runs[a]],
                 "paired_ratio_median": round(statistics.median(paired), 3),
-                "paired_cpu_ratio_median": round(statistics.median(paired_cpu), 3)}
+                "paired_cpu_ratio_median": round(statistics.median(paired_cpu), 3),
+                "mean_cpu_ratio": round(statistics.fmean(r[2]["cpu_s"] for r in runs["limit"])
+                                        / statistics.fmean(r[2] for r in runs[a]), 3)}
         row["limit_all_s"] = [round(r[1], 2) for r in runs["limit"]]
         row["limit_all_cpu_s"] = [round(r[2]["cpu_s"], 3) for r in runs["limit"]]
         row["limit_cpu_s"] = round(lim_cpu, 3)

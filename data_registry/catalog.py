@@ -470,17 +470,24 @@ def chunks(seq: Sequence, n: int = 500) -> Iterator[Sequence]:
         yield seq[i:i + n]
 
 
-def insert_returning(s: Session, table, rows: list[dict[str, Any]], *columns: str) -> list[tuple]:
-    """Insert ``rows`` into ``table`` with one executemany statement (batched
-    ``INSERT … RETURNING``) and return ``columns`` of the new rows, in the order of ``rows``.
+def insert_ids(s: Session, table, rows: list[dict[str, Any]], key: str) -> dict[Any, int]:
+    """Insert ``rows`` into ``table`` and return their new ``id`` keyed by the column ``key``,
+    whose values must differ between the rows.
 
-    Every row must name the same columns. Far cheaper than one ORM object per row: no unit of
-    work, no identity map, one round trip per few hundred rows.
+    One batched ``INSERT … RETURNING id, key`` (SQLAlchemy's "insertmanyvalues": a few hundred
+    rows a statement). The returned rows are matched to the input by ``key``, not by order:
+    asked to return them in the rows' order (``sort_by_parameter_order``), SQLAlchemy runs
+    SQLite one INSERT per row, as SQLite cannot tie new ROWIDs to parameter sets.
+
+    Raises:
+        ValueError: When two rows share a ``key`` value (before anything is inserted).
     """
     if not rows:
-        return []
-    stmt = insert(table).returning(*(table.c[c] for c in columns), sort_by_parameter_order=True)
-    return [tuple(r) for r in s.execute(stmt, rows)]
+        return {}
+    if len({r[key] for r in rows}) != len(rows):
+        raise ValueError(f"insert_ids: {table.name}.{key} repeats among the rows")
+    stmt = insert(table).returning(table.c.id, table.c[key])
+    return {k: i for i, k in s.execute(stmt, rows)}
 
 
 def put_failures(s, failures: list[tuple[str, str, int, float]], now: dt.datetime) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
-import json
 import os
 import re
 from collections.abc import Callable
@@ -21,7 +20,8 @@ from data_registry.scan import Candidate
 from m3bind import io as m3io
 from m3bind.errors import M3BindError, UnsupportedFormat
 from m3bind.io import load as _library_load
-from m3bind.io.confine import check_confined
+from m3bind.io.confine import check_confined, opens_only_itself
+from m3bind.io.sample import json_meta
 from m3bind.modalities import MODALITIES
 
 #: The reader, as ``module:function`` so that spawned workers can import it.
@@ -104,10 +104,6 @@ def _resolve(spec: str) -> Callable:
     return getattr(importlib.import_module(mod), fn)
 
 
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-
-
 #: Reader metadata keys never stored without the PHI opt-in (at any depth): identifiers,
 #: names, birth dates, free-text comments (WFDB comments carry the study links), UIDs.
 PHI_META = ("comment", "patient", "name", "birth", "address", "uid", "accession", "study_id")
@@ -120,25 +116,16 @@ def _is_phi_key(key: str) -> bool:
     return any(w in low for w in PHI_META) or low in ("study", "series", "subject")
 
 
-def _scrub(meta: Any, keep_phi: bool) -> Any:
-    """Reader metadata without PHI keys (recursively), unless ``keep_phi``."""
-    if keep_phi:
-        return meta
-    if isinstance(meta, dict):
-        return {k: _scrub(v, keep_phi) for k, v in meta.items() if not _is_phi_key(str(k))}
-    if isinstance(meta, (list, tuple)):
-        return [_scrub(v, keep_phi) for v in meta]
-    return meta
-
-
 def decode_task(root: str, cand: Candidate, default_modality: str | None,
                  loader: str, keep_phi: bool = False) -> dict[str, Any]:
     """Read one item: its Sample, study links (from the file, then the sidecar) and metadata."""
     path = os.path.join(root, cand.rel)
     try:
         # every file the read opens resolves inside the archive (a .dat or series member may be a
-        # link out of it); the refusal becomes the item's failure row
-        check_confined(path, [_real_root(root)], roots_resolved=True)
+        # link out of it); the refusal becomes the item's failure row. A single file that opens
+        # nothing else was resolved inside the root by the walk that found it.
+        if cand.kind != "file" or not opens_only_itself(path):
+            check_confined(path, [_real_root(root)], roots_resolved=True)
         links: dict[str, str] = {}
         fallback = cand.hints.get("modality") or default_modality
         dicom = cand.kind == "dicom_series" or cand.members[0].lower().endswith(".dcm") or (
@@ -173,11 +160,12 @@ def decode_task(root: str, cand: Candidate, default_modality: str | None,
         if sample.modality not in MODALITIES:
             return {"rel": cand.rel, "error": "cannot tell the modality (give --modality, a "
                     "sidecar or a modality folder name)"}
-        meta = {"shape": list(sample.shape), "format": sample.format,
-                "spacing": sample.spacing, "sampling_rate": sample.sampling_rate,
-                "channel_names": sample.channel_names, "modality_guess": sample.modality_guess,
-                "reader": _scrub(dict(sample.meta), keep_phi)}
-        return {"rel": cand.rel, "sample": sample, "links": links, "meta": _jsonable(meta)}
+        meta = json_meta({"shape": list(sample.shape), "format": sample.format,
+                          "spacing": sample.spacing, "sampling_rate": sample.sampling_rate,
+                          "channel_names": sample.channel_names,
+                          "modality_guess": sample.modality_guess})
+        meta["reader"] = json_meta(dict(sample.meta), None if keep_phi else _is_phi_key)
+        return {"rel": cand.rel, "sample": sample, "links": links, "meta": meta}
     except M3BindError as e:
         return {"rel": cand.rel, "error": e.what}
     except MemoryError:

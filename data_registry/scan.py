@@ -129,9 +129,14 @@ def folder_hint(rel: str) -> str | None:
 
 
 def read_sidecar(csv_path: Path, root: Path) -> dict[str, dict[str, str]]:
-    """Study links from a sidecar or cohort manifest, keyed by path relative to ``root``."""
+    """Study links from a sidecar or cohort manifest, keyed by path relative to ``root``.
+
+    ``root`` and ``csv_path`` are absolute and normalised, ``csv_path`` under ``root`` (as the
+    walk gives them); rows naming paths outside ``root`` are ignored.
+    """
     out: dict[str, dict[str, str]] = {}
-    base = csv_path.parent
+    base, root_s = str(csv_path.parent), str(root)
+    inside = root_s if root_s.endswith(os.sep) else root_s + os.sep
     try:
         with open(csv_path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -143,17 +148,19 @@ def read_sidecar(csv_path: Path, root: Path) -> dict[str, dict[str, str]]:
                 p = (row.get("path") or "").strip()
                 if not p:
                     continue
-                target = os.path.normpath(base / p)
-                rel = os.path.relpath(target, root)
-                if rel.startswith(".."):
+                # relative to the root by string (both normalised; os.path.relpath cost more
+                # than the rest of the row): a path outside the root, or the root, is no item
+                target = os.path.normpath(os.path.join(base, p))
+                if not target.startswith(inside):
                     continue
+                rel = target[len(inside):]
                 info = {
                     "patient": (row.get("patient") or "").strip(),
                     "study": (row.get("study") or "").strip(),
                     "date": (row.get("date") or row.get("study_date") or "").strip(),
                     "modality": (row.get("modality") or "").strip().lower(),
                 }
-                out[Path(rel).as_posix()] = {k: v for k, v in info.items() if v}
+                out[rel.replace(os.sep, "/")] = {k: v for k, v in info.items() if v}
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         log.warning("ignoring unreadable sidecar %s: %s", csv_path, e)
     return out

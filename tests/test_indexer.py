@@ -131,6 +131,30 @@ def test_scan_skips_excluded_paths_through_links_and_reports_link_loops(tmp_path
     assert (cands[0].size, cands[0].mtime, cands[0].fingerprint) == (st.st_size, st.st_mtime, want)
 
 
+def test_sidecar_paths_relative_to_the_root_as_relpath_gives_them(tmp_path):
+    """read_sidecar's string arithmetic against os.path.relpath, the obvious version."""
+    import os
+
+    from data_registry.scan import read_sidecar
+
+    root = (tmp_path / "archive").resolve()
+    (root / "site").mkdir(parents=True)
+    paths = ["a.dcm", "./b/c.png", "../site2/x.png", "../../outside.png", "b/../d.png", ".",
+             "..", str(root / "site" / "abs.png"), str(tmp_path / "elsewhere.png"),
+             "deep/../../up.png", "e f/g.hea"]
+    csv_path = root / "site" / "m3bind_sidecar.csv"
+    csv_path.write_text("path,patient,modality\n" + "".join(f"{p},P{i},cxr\n" for i, p in enumerate(paths)))
+    want = {}
+    for i, p in enumerate(paths):
+        rel = os.path.relpath(os.path.normpath(csv_path.parent / p), root)
+        if not rel.startswith("..") and rel != ".":  # the root itself is no item
+            want[rel] = {"patient": f"P{i}", "modality": "cxr"}
+    got = read_sidecar(csv_path, root)
+    assert got == want
+    assert set(got) == {"site", "site/a.dcm", "site/b/c.png", "site2/x.png", "site/d.png", "site/abs.png",
+                        "up.png", "site/e f/g.hea"}
+
+
 def test_folder_hints_and_wfdb_comment_links(tmp_path):
     assert folder_hint("data/Fundus/img.png") == "retina"
     assert folder_hint("x/ECG/rec.hea") == "ecg"
@@ -269,6 +293,65 @@ def test_parallel_workers_give_the_same_catalogue(tmp_path, monkeypatch):
         order1 = [p for p, in s1.execute(select(Item.path).join(Embedding).order_by(Embedding.id))]
         order2 = [p for p, in s2.execute(select(Item.path).join(Embedding).order_by(Embedding.id))]
     np.testing.assert_array_equal(a[np.argsort(order1)], b[np.argsort(order2)])
+
+
+def test_commits_group_embedding_batches_by_time_and_size(tmp_path, monkeypatch):
+    """Embedded batches wait for a commit until COMMIT_EVERY_S passed or COMMIT_MAX_ITEMS
+    wait; the catalogue and the FAISS files do not depend on how the commits fell."""
+    import data_registry.indexer as ix
+
+    root = _png_archive(tmp_path / "a", 13)
+    sizes: list[int] = []
+    commit = ix._Run.commit
+
+    def counted(run):
+        if run.pending:
+            sizes.append(len(run.pending))
+        commit(run)
+
+    monkeypatch.setattr(ix._Run, "commit", counted)
+    tables = []
+    for every_s, most, expect in ((0.0, 500, [2, 2, 2, 2, 2, 2, 1]), (1e9, 5, [6, 6, 1])):
+        monkeypatch.setattr(ix, "COMMIT_EVERY_S", every_s)
+        monkeypatch.setattr(ix, "COMMIT_MAX_ITEMS", most)
+        sizes.clear()
+        cat = Catalog(tmp_path / f"c{most}.db")
+        r = index_archive(root, cat, FakeModel(), workers=0, batch_size=2, loader=FAKE)
+        assert r["added"] == 13 and sizes == expect
+        faiss_consistent(cat, "fake-0001")
+        with cat.session() as s:
+            tables.append([tuple(row) for row in s.execute(
+                select(Item.path, Item.modality, Item.content_hash, Embedding.id, Embedding.vector)
+                .join(Embedding).order_by(Item.path))])
+            tables[-1].append(sorted(s.execute(select(ZeroShotLabel.item_id, ZeroShotLabel.label,
+                                                      ZeroShotLabel.score)).all()))
+    assert tables[0] == tables[1]
+
+
+def test_objects_older_than_a_run_are_frozen_during_it_only(tmp_path):
+    """The collector leaves the process's older objects alone while a run lasts, and a process
+    that froze objects itself keeps them frozen."""
+    import gc
+
+    class Watching(FakeModel):
+        seen: list[int] = []
+
+        def embed(self, samples, batch_size=32):
+            self.seen.append(gc.get_freeze_count())
+            return super().embed(samples, batch_size)
+
+    root = _png_archive(tmp_path / "a", 3)
+    assert gc.get_freeze_count() == 0
+    model = Watching()
+    index_archive(root, Catalog(tmp_path / "c.db"), model, workers=0, loader=FAKE)
+    assert model.seen and min(model.seen) > 0 and gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        write_png(root / "cxr" / "new.png", 77)
+        index_archive(root, Catalog(tmp_path / "c.db"), model, workers=0, loader=FAKE)
+        assert gc.get_freeze_count() > 0  # not unfrozen by the run
+    finally:
+        gc.unfreeze()
 
 
 def test_faiss_rebuilt_from_catalogue_when_missing_or_stale(tmp_path):

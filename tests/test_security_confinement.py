@@ -67,7 +67,7 @@ def linked(tmp_path):
 
 
 def test_item_files_lists_what_the_readers_open(tmp_path):
-    from m3bind.io.confine import item_files
+    from m3bind.io.confine import item_files, opens_only_itself
 
     hea = _write_record(tmp_path / "r", dat="signals.dat")
     assert {p.name for p in item_files(hea)} == {"rec.hea", "signals.dat"}
@@ -84,6 +84,16 @@ def test_item_files_lists_what_the_readers_open(tmp_path):
     photo = tmp_path / "w" / "slide.png"  # a folder of the same name is no part of a photo
     photo.write_bytes(b"x")
     assert item_files(photo) == [photo]
+    # the name-only shortcut is sure only where item_files lists the file alone
+    bare = tmp_path / "w" / "IM0001"
+    bare.write_bytes(b"x")
+    for f in (hea, hea.with_suffix(""), tmp_path / "r" / "signals.dat", slide, photo, bare,
+              tmp_path / "s" / "sub" / "x.dcm"):
+        if opens_only_itself(f):
+            assert item_files(f) == [f], f
+    assert [opens_only_itself(f) for f in (hea, tmp_path / "r" / "signals.dat", slide, photo,
+                                           bare, tmp_path / "x.nii.gz")] == [
+        False, False, False, True, False, True]
 
 
 def test_check_confined_refuses_links_out_of_the_root(linked):

@@ -89,11 +89,21 @@ def all_reduce_mean(value: float, device: str = "cpu") -> float:
     return float(t.item()) / dist.get_world_size()
 
 
-def any_rank(flag: bool, device: str = "cpu") -> bool:
-    """True on every rank when any rank's ``flag`` is true (e.g. "this step is non-finite")."""
-    if not is_distributed():
+def any_rank(flag: bool | torch.Tensor, device: str = "cpu") -> bool:
+    """True on every rank when any rank's ``flag`` is true (e.g. "this step is non-finite").
+
+    ``flag`` may be a one-element tensor still on the device: it is then read once, after the
+    reduction (a single host-device synchronisation).
+    """
+    if isinstance(flag, torch.Tensor):
+        flag = flag.detach().reshape(1)
+        if not is_distributed():
+            return bool(flag)
+        t = flag.to(device=device, dtype=torch.float32)
+    elif not is_distributed():
         return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    else:
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +27,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x, default=str))
-
-
 def _parse_window(text: str | None):
     if text is None or "/" not in text:
         return text
@@ -43,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     """Load ``args.path``, print its description, write the preview when asked."""
     from app.cli import emit
     from m3bind.io import load
+    from m3bind.io.sample import json_meta
     from m3bind.render import save_preview
 
     opts = {"series": args.series} if args.series else {}
@@ -53,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         "format": sample.format,
         "shape": list(sample.shape),
         "spacing": list(sample.spacing) if sample.spacing else None,
-        "meta": _jsonable(sample.meta),
+        "meta": json_meta(sample.meta),
         "modality_guess": sample.modality_guess,
         "sampling_rate": sample.sampling_rate,
         "lead_names": sample.lead_names,

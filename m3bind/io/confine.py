@@ -86,6 +86,19 @@ def _wfdb_files(path: Path) -> list[Path]:
     return files
 
 
+#: Suffixes of files whose load may open other files: WFDB headers and signal files, MRXS slides.
+_COMPANION_SUFFIXES = (".hea", ".dat", ".mat", ".mrxs")
+
+
+def opens_only_itself(path: str | os.PathLike) -> bool:
+    """Whether :func:`item_files` of the file ``path`` is ``[path]`` for certain, told from its
+    name alone (no system call): a file with a suffix the readers open no companions for.
+    False leaves the question to :func:`item_files` (a WFDB record, an MRXS slide, a file
+    without a suffix that may be a WFDB record path)."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    return bool(suffix) and suffix not in _COMPANION_SUFFIXES
+
+
 def item_files(path: str | os.PathLike) -> list[Path]:
     """The files and folders a :func:`m3bind.io.load` of ``path`` may open, links not resolved.
 
@@ -101,7 +114,7 @@ def item_files(path: str | os.PathLike) -> list[Path]:
             if len(out) > 4 * LIMITS.max_files:
                 break  # the readers refuse such folders before reading them all
         return out
-    if p.suffix.lower() in (".hea", ".dat", ".mat") or (not p.suffix and p.with_name(p.name + ".hea").exists()):
+    if p.suffix.lower() in _COMPANION_SUFFIXES[:3] or (not p.suffix and p.with_name(p.name + ".hea").exists()):
         try:
             return list(dict.fromkeys([p, *_wfdb_files(p)]))
         except UnsupportedFormat:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,3 +48,43 @@ class Sample:
     def shape(self) -> tuple[int, ...]:
         """Shape of :attr:`array`."""
         return tuple(int(s) for s in self.array.shape)
+
+
+def _json_key(key: Any) -> str:
+    """A dict key as JSON text spells it (``json.dumps`` accepts str, int, float, bool, None)."""
+    if isinstance(key, str):
+        return str.__str__(key)
+    if key is None or isinstance(key, (int, float)):
+        return json.dumps(key)
+    return str(key)
+
+
+def json_meta(obj: Any, drop: Callable[[str], bool] | None = None) -> Any:
+    """Reader metadata as plain JSON data: what ``json.loads(json.dumps(obj, default=...))``
+    gives, where ``default`` turns an array or numpy scalar into ``.tolist()`` and anything else
+    into its text, without the round trip through text (a third of the time).
+
+    Args:
+        obj: Metadata (nested dicts, lists, tuples, numbers, strings, arrays, pydicom values).
+        drop: Dict entries whose key (as text) it names are left out, at any depth.
+
+    Returns:
+        Dicts with string keys, lists, ``str``, ``int``, ``float``, ``bool`` and ``None`` only
+        (subclasses such as pydicom's ``DSfloat`` or ``UID`` become their base type). A key JSON
+        would refuse (a tuple, a numpy integer) becomes its text instead of an error.
+    """
+    t = type(obj)
+    if t is str or t is int or t is float or t is bool or obj is None:
+        return obj
+    if isinstance(obj, dict):
+        return {_json_key(k): json_meta(v, drop) for k, v in obj.items()
+                if drop is None or not drop(str(k))}
+    if isinstance(obj, (list, tuple)):
+        return [json_meta(v, drop) for v in obj]
+    if isinstance(obj, str):
+        return str.__str__(obj)
+    if isinstance(obj, int):  # bool has no subclasses: an int subclass (IS, IntEnum) here
+        return int.__index__(obj)
+    if isinstance(obj, float):
+        return float.__float__(obj)
+    return json_meta(obj.tolist() if hasattr(obj, "tolist") else str(obj), drop)

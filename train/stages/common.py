@@ -174,6 +174,14 @@ def _maybe_kill(name: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _floats(terms: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Scalar tensors as Python floats, read from the device in one go."""
+    if not terms:
+        return {}
+    values = torch.stack([v.detach().float().reshape(()) for v in terms.values()]).tolist()
+    return dict(zip(terms, values))
+
+
 def train_loop(name: str, rt: Runtime, modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer,
                total: int, warmup: int, step_fn: Callable[[int], Mapping[str, torch.Tensor]],
                metrics: MetricsLog, start_step: int = 0, state: dict | None = None,
@@ -197,6 +205,9 @@ def train_loop(name: str, rt: Runtime, modules: Mapping[str, nn.Module], optimiz
 
     Returns:
         Summary ``{"steps", "skipped_steps", "last": {term: value}, "seconds"}``.
+
+    A step waits for the device once (the finite check of the loss and the total gradient norm;
+    clipping reuses that norm); the loss terms are read as floats only at logging steps.
     """
     stage_dir = rt.out / "checkpoints" / name
     state = state if state is not None else {}
@@ -218,6 +229,7 @@ def train_loop(name: str, rt: Runtime, modules: Mapping[str, nn.Module], optimiz
     else:
         broadcast_parameters(modules)
     last: dict[str, float] = {}
+    last_terms: dict[str, torch.Tensor] = {}
     t0 = time.time()
     bar = tqdm(total=total, initial=step, desc=name, disable=not (rt.cfg.progress and rt.dist.is_main),
                dynamic_ncols=True, leave=False)
@@ -229,25 +241,26 @@ def train_loop(name: str, rt: Runtime, modules: Mapping[str, nn.Module], optimiz
         with rt.autocast():
             terms = step_fn(step)
         loss = sum(terms.values())
-        bad = D.any_rank(not bool(torch.isfinite(loss.detach()).all()), rt.dist.device)
-        if not bad:
-            loss.backward()
-            average_gradients(params)
-            grads_ok = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
-            bad = D.any_rank(not grads_ok, rt.dist.device)
-        if bad:
+        # backward always runs (every rank joins the gradient all-reduce) and the step is judged
+        # by one host read of "loss and gradient norm finite"; a NaN/inf loss gives NaN gradients
+        loss.backward()
+        average_gradients(params)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        finite = torch.isfinite(loss.detach()).all() & torch.isfinite(norm.to(loss.device))
+        if D.any_rank(~finite, rt.dist.device):
             skipped += 1
             optimizer.zero_grad(set_to_none=True)
             log.warning("%s step %d: non-finite loss or gradient, step skipped (%d so far)", name, step, skipped)
         else:
             if rt.cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, rt.cfg.grad_clip)
+                torch.nn.utils.clip_grads_with_norm_(params, rt.cfg.grad_clip, norm)
             optimizer.step()
         scheduler.step()
         step += 1
-        last = {k: float(v.detach()) for k, v in terms.items()}
+        last_terms = {k: v.detach() for k, v in terms.items()}
         bar.update(1)
         if step % rt.cfg.log_every == 0 or step == total:
+            last = _floats(last_terms)
             vals = {k: D.all_reduce_mean(v, rt.dist.device) for k, v in last.items()}
             vals["lr"] = optimizer.param_groups[0]["lr"]
             vals["skipped_steps"] = skipped

@@ -9,6 +9,7 @@ batches of distinct reports (identical reports in one batch would be false negat
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,7 +25,13 @@ from m3bind.teachers import load_teacher
 from train.config import TeacherConfig, TrainConfig
 from train.data import ModalityData, StepBatcher, take
 from train.losses import OBJECTIVES
-from train.stages.common import MetricsLog, Runtime, TextFeatureCache, freeze_text_layers, train_loop
+from train.stages.common import (
+    MetricsLog,
+    Runtime,
+    TextFeatureCache,
+    freeze_text_layers,
+    train_loop,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +119,14 @@ def build_teacher(modality: str, tcfg: TeacherConfig, dim: int, preprocess: dict
         return ModalityCLIP.from_config(mcfg)
 
 
-def pretrain_teacher(modality: str, teacher: ModalityCLIP, data: ModalityData, tcfg: TeacherConfig,
-                     rt: Runtime, metrics: MetricsLog) -> dict:
-    """Train one teacher with the CLIP loss on its report pairs; returns the loop summary."""
+def pretrain_setup(modality: str, teacher: ModalityCLIP, data: ModalityData, tcfg: TeacherConfig,
+                   rt: Runtime) -> tuple[str, torch.optim.Optimizer, Callable[[int], dict[str, torch.Tensor]]]:
+    """Prepare one teacher's CLIP pre-training: the teacher on the device (channels-last 2D trunk
+    on GPU), frozen text layers, the optimizer and the step function :func:`train_loop` runs.
+
+    Returns:
+        ``(loop name, optimizer, step_fn)``.
+    """
     teacher.to(rt.device)
     if rt.on_gpu and rt.cfg.channels_last and get_spec(modality).kind == "image2d":
         teacher.image_encoder.to(memory_format=torch.channels_last)
@@ -142,6 +154,13 @@ def pretrain_teacher(modality: str, teacher: ModalityCLIP, data: ModalityData, t
                                           modality, tcfg.prompt_caption_prob, rt.seed(f"captions_{name}", step)))
         return clip(img, txt, teacher.scale())
 
+    return name, optimizer, step_fn
+
+
+def pretrain_teacher(modality: str, teacher: ModalityCLIP, data: ModalityData, tcfg: TeacherConfig,
+                     rt: Runtime, metrics: MetricsLog) -> dict:
+    """Train one teacher with the CLIP loss on its report pairs; returns the loop summary."""
+    name, optimizer, step_fn = pretrain_setup(modality, teacher, data, tcfg, rt)
     return train_loop(name, rt, {"teacher": teacher}, optimizer, tcfg.steps, tcfg.warmup_steps,
                       step_fn, metrics)
 
