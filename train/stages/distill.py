@@ -12,6 +12,7 @@ training item are computed once.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -36,20 +37,37 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def _text_table(teachers: dict[str, ModalityCLIP], texts: list[str], rt: Runtime, batch_size: int = 128
+def _text_table(teachers: dict[str, ModalityCLIP], texts: list[str], rt: Runtime,
+                pools: Mapping[str, Iterable[str]] | None = None, batch_size: int = 128
                 ) -> dict[str, torch.Tensor]:
-    # teachers whose lower text blocks are identical and frozen (one pretrained backbone with LoRA
-    # on the top blocks) share the hidden states of those blocks: computed once, not per teacher
-    out, tables = {}, {}
+    """Each frozen teacher's embeddings of the shared ``texts``: modality -> ``[len(texts), D]``.
+
+    With ``pools`` (``distill.kd_texts: own``) teacher m runs only on modality m's own texts, the
+    only rows the KD loss reads from it (about 1/M of the forwards); its other rows are zeros, not
+    NaN, since the loss computes every row before selecting and NaN·0 would poison the gradient.
+    Teachers whose lower text blocks are identical and frozen (one pretrained backbone with LoRA on
+    the top blocks) share the hidden states of those blocks: computed once, not per teacher.
+    """
+    row = {t: i for i, t in enumerate(texts)}
     blocks = shared_prefix_blocks([t.text_encoder for t in teachers.values()])
+    tables: dict = {}
+    got: dict[str, tuple[list[str], torch.Tensor | None]] = {}
     for m, t in teachers.items():
         t.to(rt.device).eval()
         encode = PrefixFeatureCache(t.text_encoder, batch_size=batch_size, shared=tables, blocks=blocks)
+        # own texts by length, so that a chunk pads little
+        mine = texts if pools is None else sorted(set(pools.get(m, ())), key=lambda s: (len(s), s))
         parts = []
-        for i in range(0, len(texts), batch_size):
+        for i in range(0, len(mine), batch_size):
             with rt.autocast():
-                parts.append(encode(texts[i:i + batch_size]).float().cpu())
-        out[m] = torch.cat(parts)
+                parts.append(encode(mine[i:i + batch_size]).float().cpu())
+        got[m] = (mine, torch.cat(parts) if parts else None)
+    dim = next(e.shape[-1] for _, e in got.values() if e is not None)
+    out = {}
+    for m, (mine, emb) in got.items():
+        out[m] = torch.zeros(len(texts), dim)
+        if emb is not None:
+            out[m][[row[t] for t in mine]] = emb
     return out
 
 
@@ -87,7 +105,7 @@ def run_distill(cfg: TrainConfig, bound: dict[str, ModalityCLIP], train: dict[st
     embed_cache = TextFeatureCache(student)
     texts = sorted({t for pool in pools.values() for t in pool})
     row = {t: i for i, t in enumerate(texts)}
-    table = _text_table(bound, texts, rt)
+    table = _text_table(bound, texts, rt, pools if dc.kd_texts == "own" else None)
     embed_cache.warm(texts)
     bal = balancing_terms({m: len(train[m]) for m in mods}, cfg.bind)
     sampler = SharedTextSampler(pools, bal["probs"], rt.cfg.seed, "distill_shared")
