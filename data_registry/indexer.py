@@ -35,12 +35,12 @@ import datetime as dt
 import functools
 import gc
 import hashlib
+import io
 import json
 import logging
 import multiprocessing
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -72,6 +72,7 @@ from data_registry.decode import (  # noqa: F401 - dicom_links, _dicom_meta_link
     wfdb_links,
 )
 from data_registry.scan import Candidate, scan
+from m3bind.atomic import atomic_write_bytes
 from m3bind.errors import M3BindError
 from m3bind.index import choose_kind
 from m3bind.modalities import MODALITIES
@@ -168,17 +169,12 @@ def label_vectors(model, modality: str, labels: list[str], folder: Path) -> np.n
             log.debug("label cache %s unreadable (%s): recomputed", path, e)
     vec = np.asarray(label_embeddings(model, modality, labels), np.float32)
     if path is not None:
-        tmp = None
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=path.name, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, vec)
-            os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new
+        buf = io.BytesIO()
+        np.save(buf, vec)
+        try:  # atomic: a concurrent reader sees the old file or the new
+            atomic_write_bytes(path, buf.getvalue())
         except OSError as e:
             log.debug("label cache %s not written: %s", path, e)
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
     return vec
 
 

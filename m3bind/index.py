@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from m3bind.atomic import atomic_write_bytes
+
 log = logging.getLogger(__name__)
 
 #: Up to this many vectors the index is exact; above it, IVF.
@@ -266,16 +268,7 @@ class VectorIndex:
                              "id_sum": self.id_sum, "nlist": self.nlist,
                              "nprobe": self.nprobe}).encode()
         body = b"" if self._index is None else faiss.serialize_index(self._index).tobytes()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(MAGIC + struct.pack("<Q", len(header)) + header + body)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, MAGIC + struct.pack("<Q", len(header)) + header + body)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> VectorIndex:

@@ -34,12 +34,13 @@ from typing import Any
 import torch
 import yaml
 
+from m3bind.atomic import atomic_write_text
 from m3bind.config import from_dict, to_dict
 from m3bind.errors import ConfigError, M3BindError
 from m3bind.model import BoundModel, load_model
 from m3bind.teachers import teachers_from_model
 from train import distributed as D
-from train.checkpoint import atomic_write_json, atomic_write_text, is_done, mark_done
+from train.checkpoint import atomic_write_json, is_done, mark_done
 from train.config import TrainConfig, load_train_config
 from train.data import (
     ensure_cohort,

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from m3bind.atomic import atomic_write_text
 from m3bind.errors import ConfigError, M3BindError, ModelDirError, UnsupportedFormat
 from m3bind.modalities import MODALITIES, get_spec
 
@@ -369,11 +370,7 @@ class Services:
             raise ConfigError(f"unknown modality {modality!r}")
         sets = self.prompt_sets()
         sets[name] = {"modality": modality, "labels": list(labels), "templates": list(templates)}
-        f = self._prompt_store()
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(".tmp")
-        tmp.write_text(json.dumps(sets, indent=2, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(f)
+        atomic_write_text(self._prompt_store(), json.dumps(sets, indent=2, ensure_ascii=False))
 
     # ----------------------------------------------------------------- search
     def search(self, *, sample=None, text: str | None = None, path: str | os.PathLike | None = None,

@@ -87,7 +87,8 @@ def _wfdb_files(path: Path) -> list[Path]:
 
 
 #: Suffixes of files whose load may open other files: WFDB headers and signal files, MRXS slides.
-_COMPANION_SUFFIXES = (".hea", ".dat", ".mat", ".mrxs")
+_WFDB_SUFFIXES = (".hea", ".dat", ".mat")
+_COMPANION_SUFFIXES = (*_WFDB_SUFFIXES, ".mrxs")
 
 
 def opens_only_itself(path: str | os.PathLike) -> bool:
@@ -114,7 +115,7 @@ def item_files(path: str | os.PathLike) -> list[Path]:
             if len(out) > 4 * LIMITS.max_files:
                 break  # the readers refuse such folders before reading them all
         return out
-    if p.suffix.lower() in _COMPANION_SUFFIXES[:3] or (not p.suffix and p.with_name(p.name + ".hea").exists()):
+    if p.suffix.lower() in _WFDB_SUFFIXES or (not p.suffix and p.with_name(p.name + ".hea").exists()):
         try:
             return list(dict.fromkeys([p, *_wfdb_files(p)]))
         except UnsupportedFormat:
